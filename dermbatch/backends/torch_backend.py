@@ -1,0 +1,75 @@
+"""PyTorch eager backend: CPU, or CUDA with fp16 autocast."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from dermbatch.bundle import Bundle
+from dermbatch.errors import BackendError
+from dermbatch.models import load_fold_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; an unavailable cuda request is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BackendError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} requested but torch {torch.__version__} sees no CUDA GPU; "
+                               "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        raise BackendError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
+                 max_batch: int = 64, fp16: bool | None = None):
+        self.torch_device = resolve_device(device)
+        self.device = str(self.torch_device)
+        self.fp16 = self.torch_device.type == "cuda" if fp16 is None else fp16
+        self.max_batch = max_batch
+        self.models: dict[str, list[torch.nn.Module]] = {}
+        for task, task_folds in (folds or {}).items():
+            self.models[task] = [load_fold_model(bundle, task, f).to(self.torch_device) for f in task_folds]
+            log.info("%s: loaded folds %s on %s", task, ",".join(map(str, task_folds)), self.device)
+
+    @torch.inference_mode()
+    def _run(self, task: str, x: np.ndarray) -> np.ndarray:
+        xt = torch.from_numpy(x).to(self.torch_device, non_blocking=True)
+        outputs = []
+        for model in self.models[task]:
+            chunks = []
+            for start in range(0, xt.shape[0], self.max_batch):
+                with torch.autocast(self.torch_device.type, dtype=torch.float16, enabled=self.fp16):
+                    chunks.append(model(xt[start:start + self.max_batch]).float())
+            outputs.append(torch.cat(chunks))
+        return torch.stack(outputs).cpu().numpy()
+
+    def segment(self, x: np.ndarray) -> np.ndarray:
+        return self._run("segmentation", x)
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        return self._run("classification", x)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device, "fp16_autocast": self.fp16,
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def close(self) -> None:
+        self.models.clear()
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()

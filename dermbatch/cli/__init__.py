@@ -1,0 +1,1 @@
+"""The ``dermbatch`` command line: thin Typer commands over the library."""

@@ -1,0 +1,99 @@
+"""Model factory: architecture name -> constructor, for both tasks, with errors that list valid names."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dermbatch.bundle import (Bundle, CropSpec, ModelSpec, build_manifest, load_bundle, save_weights,
+                              write_manifest)
+from dermbatch.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+# segmentation_models_pytorch class names; the encoder can be any smp encoder or "tu-<timm name>".
+SEG_ARCHITECTURES = {
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "fpn": "FPN",
+    "linknet": "Linknet",
+    "deeplabv3plus": "DeepLabV3Plus",
+}
+
+
+def _build_smp(spec: ModelSpec, num_classes: int) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    cls = getattr(smp, SEG_ARCHITECTURES[spec.architecture])
+    return cls(encoder_name=spec.encoder, encoder_weights=None, in_channels=3, classes=1)
+
+
+def _build_timm(spec: ModelSpec, num_classes: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(spec.encoder, pretrained=False, num_classes=num_classes)
+
+
+_BUILDERS: dict[str, dict[str, Callable[[ModelSpec, int], nn.Module]]] = {
+    "segmentation": {name: _build_smp for name in SEG_ARCHITECTURES},
+    "classification": {"timm": _build_timm},
+}
+
+
+def build_model(spec: ModelSpec, num_classes: int = 7) -> nn.Module:
+    """A randomly initialised model for ``spec`` (weights come from the bundle or the trainer)."""
+    builders = _BUILDERS[spec.task]
+    if spec.architecture not in builders:
+        raise BundleError(f"{spec.task}.architecture {spec.architecture!r} is unknown; "
+                          f"valid: {', '.join(sorted(builders))}")
+    try:
+        return builders[spec.architecture](spec, num_classes)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{spec.task}: cannot build {spec.architecture} with encoder {spec.encoder!r} "
+                          f"({str(exc).strip() or type(exc).__name__})") from None
+
+
+def load_fold_model(bundle: Bundle, task: str, fold: int) -> nn.Module:
+    """Build the fold's model, load its verified weights strictly, and put it in eval mode."""
+    spec = bundle.spec(task)
+    model = build_model(spec, num_classes=len(bundle.classes))
+    state = bundle.read_weights(task, fold)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(f"{bundle.path / spec.weight_file(fold)}: weights do not fit "
+                          f"{spec.architecture}/{spec.encoder} ({first})") from None
+    return model.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def random_state_dict(spec: ModelSpec, num_classes: int = 7, seed: int = 0) -> dict:
+    """State dict of a seeded random model: used for tests and benchmarks that need real-size models."""
+    torch.manual_seed(seed)
+    return build_model(spec, num_classes).state_dict()
+
+
+def create_random_bundle(root, segmentation: ModelSpec, classification: ModelSpec, crop: CropSpec | None = None,
+                         name: str = "random", seed: int = 0, half: bool = False) -> Bundle:
+    """A complete bundle of seeded, randomly initialised models (for tests, benchmarks and dry runs).
+
+    Its predictions mean nothing; its shapes, sizes and speed are those of the real architecture.
+    """
+    weights = {}
+    for offset, spec in enumerate((segmentation, classification)):
+        for fold in spec.folds:
+            state = random_state_dict(spec, seed=seed + 100 * offset + fold)
+            file_name, digest = save_weights(root, spec.task, fold, state, half=half)
+            weights[file_name] = digest
+    manifest = build_manifest(segmentation, classification, crop or CropSpec(), weights, name,
+                              provenance={"kind": "random-init", "seed": seed})
+    write_manifest(root, manifest)
+    return load_bundle(root)

@@ -1,0 +1,132 @@
+"""Output files: streaming CSVs that survive interruption, a run lock, and safe output paths.
+
+Rows are written a batch at a time with one ``write`` followed by flush + fsync, so an interrupted run
+leaves at most one partial last line, which ``--resume`` cuts off before appending.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+from dermbatch.bundle import CLASSES
+from dermbatch.errors import OutputError
+
+RESULT_COLUMNS = ("image", *CLASSES)
+DETAIL_COLUMNS = ("image", "path", "prediction", "confidence", "lesion_found", "bbox_x", "bbox_y", "bbox_w",
+                  "bbox_h", "lesion_area_fraction", "status", "error")
+
+
+def format_rows(rows: Iterable[Iterable]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def read_complete_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of an existing CSV, ignoring a partial last line left by an interrupted write."""
+    data = path.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]
+    try:
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise OutputError(f"{path}: cannot resume from this file ({exc})") from None
+
+
+class CsvAppender:
+    """A CSV written as header + ``keep`` rows (atomically), then appended to a batch at a time."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], keep: Iterable[dict[str, str]] = ()):
+        self.path = Path(path)
+        self.columns = columns
+        text = format_rows([columns, *([row.get(c, "") for c in columns] for row in keep)])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.path, text.encode("utf-8"))
+            self._fh = open(self.path, "a", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+
+    def _write(self, text: str) -> None:
+        self._fh.write(text)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, rows: list[list]) -> None:
+        if not rows:
+            return
+        try:
+            self._write(format_rows(rows))
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc}); "
+                              "rows written before this batch are intact") from None
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+
+
+class RunLock:
+    """An exclusive lock on ``<out>.lock`` so two runs never interleave rows in the same CSV."""
+
+    def __init__(self, out: Path):
+        self.path = Path(str(out) + ".lock")
+        self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; document rather than pretend
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "w")
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise OutputError(f"{self.path.with_suffix('')}: another dermbatch run is writing it "
+                              f"(lock {self.path}); wait for it to finish or choose another --out") from None
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create lock file ({exc.strerror or exc})") from None
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self.path.unlink(missing_ok=True)
+            self._fh.close()
+
+
+def output_path(folder: Path, image_id: str, suffix: str) -> Path:
+    """``folder/<image_id><suffix>``, refusing ids that would land outside ``folder``."""
+    if not image_id or "/" in image_id or "\\" in image_id or "\0" in image_id or image_id in (".", ".."):
+        raise OutputError(f"image id {image_id!r} cannot be used as a file name")
+    return folder / f"{image_id}{suffix}"
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def result_row(result) -> list:
+    """``image,MEL,...,VASC`` (ISIC 2018 Task 3 submission format)."""
+    return [result.image_id, *(f"{p:.6f}" for p in result.probabilities)]
+
+
+def detail_row(result) -> list:
+    box = result.bbox or ("", "", "", "")
+    if not result.ok:
+        return [result.image_id, str(result.path), "", "", "", "", "", "", "", "", "error", result.error]
+    return [result.image_id, str(result.path), result.label, f"{result.confidence:.6f}",
+            str(result.lesion_found).lower(), *box, f"{result.area_fraction:.6f}", "ok", ""]

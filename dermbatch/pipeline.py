@@ -1,0 +1,177 @@
+"""``dermbatch run`` as a library function: inputs -> predictor -> writer, with resume and a run manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from dermbatch import __version__
+from dermbatch.errors import OutputError, UsageError
+from dermbatch.inputs import InputImage, discover_inputs
+from dermbatch.loader import batched
+from dermbatch.outputs import DETAIL_COLUMNS, RESULT_COLUMNS, CsvAppender, RunLock, read_complete_rows, write_bytes_atomic
+from dermbatch.predictor import Predictor, Result
+from dermbatch.writer import OutputWriter
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("torch", "timm", "segmentation-models-pytorch", "opencv-python-headless", "opencv-python",
+                      "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "safetensors")
+
+
+@dataclass
+class RunOptions:
+    inputs: list[str]
+    out: Path
+    model: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    tta: str | None = None
+    folds: str = "all"
+    batch_size: int = 8
+    workers: int = 2
+    masks: Path | None = None
+    annotate: Path | None = None
+    crops: Path | None = None
+    details: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    recursive: bool = True
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.out.suffix.lower() != ".csv":
+            raise UsageError(f"--out {self.out}: must be a .csv file")
+        if self.details is None:
+            self.details = self.out.with_name(f"{self.out.stem}_details.csv")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; choose one")
+
+    @property
+    def manifest(self) -> Path:
+        return self.out.with_name(f"{self.out.stem}_manifest.json")
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    skipped: int = 0  # already in the CSV (--resume)
+    ok: int = 0
+    failed: int = 0
+    elapsed: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    status: str = "running"
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failed else 0
+
+    def rates(self) -> dict[str, float]:
+        done = self.ok + self.failed
+        rates = {stage: done / s for stage, s in self.seconds.items() if s > 0}
+        if self.elapsed > 0:
+            rates["end_to_end"] = done / self.elapsed
+        return rates
+
+
+def _resume_state(options: RunOptions) -> tuple[set[str], list[dict], list[dict]]:
+    """Images already done, and the rows of both CSVs to keep (details only for done images)."""
+    if not options.out.exists():
+        return set(), [], []
+    if not options.resume:
+        if not options.overwrite:
+            raise UsageError(f"{options.out} exists; pass --resume to continue that run or --overwrite to replace it")
+        return set(), [], []
+    results = read_complete_rows(options.out)
+    if results and list(results[0].keys()) != list(RESULT_COLUMNS):
+        raise UsageError(f"{options.out}: columns are not {','.join(RESULT_COLUMNS)}; not a dermbatch results file")
+    done = {row["image"] for row in results}
+    details = read_complete_rows(options.details) if options.details.exists() else []
+    latest = {row["image"]: row for row in details if row.get("image") in done}  # last row per image wins
+    return done, results, list(latest.values())
+
+
+def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
+        on_result: Callable[[Result], None] | None = None) -> RunSummary:
+    """Process every input image and stream the outputs; return the counts (exit code 3 if any failed)."""
+    start = time.perf_counter()
+    items = discover_inputs(options.inputs, recursive=options.recursive)
+    summary = RunSummary(total=len(items))
+    with RunLock(options.out):
+        done, keep_results, keep_details = _resume_state(options)
+        pending: list[InputImage] = [i for i in items if i.image_id not in done]
+        summary.skipped = len(items) - len(pending)
+        if summary.skipped:
+            log.info("resume: %d of %d images already in %s", summary.skipped, len(items), options.out)
+        with Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
+                       folds=options.folds, batch_size=options.batch_size, workers=options.workers) as predictor:
+            writer = OutputWriter(CsvAppender(options.out, RESULT_COLUMNS, keep_results),
+                                  CsvAppender(options.details, DETAIL_COLUMNS, keep_details),
+                                  masks=options.masks, annotate=options.annotate, crops=options.crops)
+            summary.outputs = {k: str(v) for k, v in (("results", options.out), ("details", options.details),
+                               ("masks", options.masks), ("annotate", options.annotate), ("crops", options.crops),
+                               ("manifest", options.manifest)) if v is not None}
+            write_manifest(options, predictor, summary)
+            if on_start:
+                on_start(len(pending))
+            try:
+                for batch in batched(predictor.predict(pending), options.batch_size):
+                    writer.submit(batch)
+                    for result in batch:
+                        summary.ok += result.ok
+                        summary.failed += not result.ok
+                        if on_result:
+                            on_result(result)
+                summary.status = "finished"
+            except KeyboardInterrupt:
+                summary.status = "interrupted"
+                raise
+            finally:
+                try:
+                    writer.close()
+                finally:
+                    summary.elapsed = time.perf_counter() - start
+                    summary.seconds = {**predictor.seconds, "write": writer.seconds}
+                    if summary.status == "running":
+                        summary.status = "failed"
+                    write_manifest(options, predictor, summary)
+    return summary
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "dermbatch": __version__}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(options: RunOptions, predictor: Predictor, summary: RunSummary) -> None:
+    """The resolved configuration and counts of this run, beside the CSV (rewritten at the end)."""
+    options_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    manifest = {
+        "dermbatch_run": 1,
+        "command": sys.argv,
+        "options": options_dict,
+        "bundle": {"name": predictor.bundle.name, "path": str(predictor.bundle.path.resolve()),
+                   "weights_sha256": predictor.bundle.hashes()},
+        "runtime": predictor.describe(),
+        "platform": {"machine": platform.machine(), "system": platform.system(), "processor": platform.processor()},
+        "versions": package_versions(),
+        "summary": {**{k: v for k, v in asdict(summary).items() if k != "seconds"},
+                    "stage_seconds": summary.seconds, "images_per_second": summary.rates()},
+    }
+    try:
+        write_bytes_atomic(options.manifest, (json.dumps(manifest, indent=2, default=str) + "\n").encode("utf-8"))
+    except OSError as exc:
+        raise OutputError(f"{options.manifest}: cannot write run manifest ({exc.strerror or exc})") from None

@@ -1,0 +1,186 @@
+"""The predictor: construct with runtime knobs, load a bundle's folds once, predict over an iterator.
+
+``Predictor.predict`` is a generator: it yields one ``Result`` per input image, in input order, with
+bounded memory (one batch in flight plus the decode queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from dermbatch.backends import create_backend
+from dermbatch.bundle import Bundle, load_bundle
+from dermbatch.errors import UsageError
+from dermbatch.imageio import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from dermbatch.inputs import InputImage, discover_inputs
+from dermbatch.loader import Sample, batched, iter_samples
+from dermbatch.postprocess import Box, mask_from_logits, scale_box
+from dermbatch.preprocess import lesion_crop, model_input
+from dermbatch.tta import classify_with_tta, segment_with_tta, softmax, views
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """Everything known about one image. ``image``/``mask``/``crop`` are at working resolution."""
+
+    image_id: str
+    path: Path
+    classes: tuple[str, ...]
+    probabilities: np.ndarray | None = None  # (K,) float, sums to 1
+    lesion_found: bool = False
+    bbox: Box | None = None  # crop box in original pixels
+    area_fraction: float = 0.0
+    error: str | None = None
+    original_size: tuple[int, int] | None = None  # (height, width)
+    image: np.ndarray | None = field(default=None, repr=False)
+    mask: np.ndarray | None = field(default=None, repr=False)  # uint8 0/1
+    crop: np.ndarray | None = field(default=None, repr=False)
+    crop_box: Box | None = None  # in working pixels
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str | None:
+        return None if self.probabilities is None else self.classes[int(np.argmax(self.probabilities))]
+
+    @property
+    def confidence(self) -> float | None:
+        return None if self.probabilities is None else float(np.max(self.probabilities))
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        order = np.argsort(-self.probabilities)[:k]
+        return [(self.classes[i], float(self.probabilities[i])) for i in order]
+
+    def full_size_mask(self) -> np.ndarray:
+        """The mask as 0/255 uint8 at the original image size (ISIC Task 1 format)."""
+        height, width = self.original_size
+        mask = self.mask
+        if mask.shape != (height, width):
+            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        return mask * np.uint8(255)
+
+
+def parse_folds(folds: str | Iterable[int] | None, bundle: Bundle) -> dict[str, tuple[int, ...]]:
+    """``all``/None -> every fold present; "0,2" or [0, 2] -> those, checked against each task."""
+    selected: dict[str, tuple[int, ...]] = {}
+    if isinstance(folds, str) and folds.strip().lower() != "all":
+        try:
+            wanted = tuple(int(f) for f in folds.split(",") if f.strip())
+        except ValueError:
+            raise UsageError(f"--folds {folds!r}: use 'all' or comma-separated fold numbers like 0,2") from None
+    else:
+        wanted = None if folds is None or isinstance(folds, str) else tuple(folds)
+    for task in ("segmentation", "classification"):
+        present = bundle.spec(task).folds
+        chosen = present if wanted is None else wanted
+        missing = sorted(set(chosen) - set(present))
+        if missing or not chosen:
+            raise UsageError(f"--folds {folds}: {task} has folds {','.join(map(str, present))}, "
+                             f"not {','.join(map(str, missing)) or 'none'}")
+        selected[task] = tuple(chosen)
+    return selected
+
+
+class Predictor:
+    def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "auto",
+                 tta: str | None = None, folds: str | Iterable[int] | None = "all", batch_size: int = 8,
+                 workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True):
+        if batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if workers < 0:
+            raise UsageError("--workers must be 0 (decode in the main thread) or more")
+        self.bundle = load_bundle(model)
+        self.seg_spec = self.bundle.spec("segmentation")
+        self.cls_spec = self.bundle.spec("classification")
+        self.tta = {"segmentation": tta or self.seg_spec.tta, "classification": tta or self.cls_spec.tta}
+        for mode in self.tta.values():
+            if mode not in ("none", "flip", "d4"):
+                raise UsageError(f"--tta {mode!r}: choose none, flip or d4")
+        if self.tta["segmentation"] == "d4" and self.seg_spec.input_size[0] != self.seg_spec.input_size[1]:
+            raise UsageError("--tta d4 needs a square segmentation input; use flip")
+        self.folds = parse_folds(folds, self.bundle)
+        self.batch_size, self.workers, self.max_pixels = batch_size, workers, max_pixels
+        # JPEGs are decoded at reduced scale only while the shorter side keeps 4x the classifier's input,
+        # so a lesion covering a quarter of the image still reaches the classifier at full resolution.
+        self.min_side = 4 * max(self.cls_spec.input_size) if reduced_decode else None
+        self.backend = create_backend(backend, self.bundle, device, self.folds)
+        self.seconds: dict[str, float] = defaultdict(float)
+        log.info("bundle %s: folds seg %s, cls %s; TTA seg %s (%d views), cls %s (%d views)", self.bundle.name,
+                 self.folds["segmentation"], self.folds["classification"], self.tta["segmentation"],
+                 len(views(self.tta["segmentation"])), self.tta["classification"],
+                 len(views(self.tta["classification"])))
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def describe(self) -> dict:
+        return {**self.backend.describe(), "tta": self.tta, "folds": self.folds, "batch_size": self.batch_size,
+                "workers": self.workers}
+
+    def _decode(self, item: InputImage) -> tuple[DecodedImage, np.ndarray]:
+        decoded = decode_image(item.path, min_side=self.min_side, max_pixels=self.max_pixels)
+        return decoded, model_input(decoded.rgb, self.seg_spec)
+
+    def predict(self, inputs: str | os.PathLike | Iterable[str | os.PathLike] | Iterable[InputImage],
+                recursive: bool = True) -> Iterator[Result]:
+        """Yield one Result per image, in input order.
+
+        ``inputs``: a path, a list of files and folders (expanded like the CLI does), or InputImage items.
+        """
+        items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        if not all(isinstance(i, InputImage) for i in items):
+            items = discover_inputs(items, recursive=recursive)
+        samples = iter_samples(items, self._decode, self.workers, depth=self.batch_size * 2 + self.workers)
+        for batch in batched(samples, self.batch_size):
+            yield from self.predict_batch(batch)
+
+    def predict_batch(self, batch: list[Sample]) -> list[Result]:
+        results = [Result(s.item.image_id, s.item.path, self.bundle.classes, error=s.error) for s in batch]
+        self.seconds["decode"] += sum(s.seconds for s in batch)
+        good = [(r, s) for r, s in zip(results, batch) if s.error is None]
+        if not good:
+            return results
+        start = time.perf_counter()
+        x = np.stack([s.seg_input for _, s in good])
+        logits = segment_with_tta(self.backend.segment, x, self.tta["segmentation"])
+        crops = []
+        for (result, sample), seg_logits in zip(good, logits):
+            self._finish_mask(result, sample.decoded, seg_logits[0])
+            crops.append(model_input(result.crop, self.cls_spec))
+        mid = time.perf_counter()
+        cls_logits = classify_with_tta(self.backend.classify, np.stack(crops), self.tta["classification"])
+        for (result, _), probs in zip(good, softmax(cls_logits.astype(np.float64))):
+            result.probabilities = probs
+        self.seconds["segment"] += mid - start
+        self.seconds["classify"] += time.perf_counter() - mid
+        return results
+
+    def _finish_mask(self, result: Result, decoded: DecodedImage, seg_logits: np.ndarray) -> None:
+        rgb = decoded.rgb
+        mask = mask_from_logits(seg_logits, rgb.shape[:2], self.seg_spec.threshold)
+        crop, box = lesion_crop(rgb, mask, self.bundle.crop)
+        result.image, result.mask, result.crop, result.crop_box = rgb, mask, crop, box
+        result.original_size = decoded.original_size
+        result.lesion_found = box is not None
+        result.area_fraction = float(mask.mean())
+        if box is not None:
+            result.bbox = scale_box(box, rgb.shape[:2], decoded.original_size)

@@ -1,0 +1,52 @@
+"""The deterministic preprocessing shared by ``dermbatch run`` and ``dermbatch train``.
+
+Both rebuild it from the bundle's manifest (input size, mean/std, crop settings), so the classifier is
+trained on crops made exactly the way the pipeline makes them.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from dermbatch.bundle import CropSpec, ModelSpec
+from dermbatch.postprocess import Box, expand_box, mask_bbox
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to (height, width): area filter when shrinking, bilinear when enlarging."""
+    height, width = size
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    shrinking = rgb.shape[0] * rgb.shape[1] > height * width
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def normalize(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """(h, w, 3) uint8 RGB -> (3, h, w) float32, ``(x / 255 - mean) / std``."""
+    scale = 1.0 / (255.0 * np.asarray(spec.std, np.float32))
+    shift = np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)
+    out = rgb.astype(np.float32) * scale - shift
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def model_input(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Resize to the model's input size and normalise: (3, H, W) float32."""
+    return normalize(resize_rgb(rgb, spec.input_size), spec)
+
+
+def lesion_crop(rgb: np.ndarray, mask: np.ndarray | None, crop: CropSpec) -> tuple[np.ndarray, Box | None]:
+    """Cut the classifier's view around the lesion; the whole image when no lesion was found.
+
+    Returns the crop (RGB uint8) and the crop box (x, y, w, h) in ``rgb`` pixels, or None when there
+    was no lesion. ``mask`` (uint8 0/1) must have ``rgb``'s height and width.
+    """
+    box = mask_bbox(mask) if mask is not None else None
+    if box is None:
+        return rgb, None
+    x, y, w, h = expand_box(box, rgb.shape[:2], crop.margin, crop.square)
+    patch = rgb[y:y + h, x:x + w]
+    if crop.background == "mask":
+        fill = np.asarray([124, 116, 104], np.uint8)  # ImageNet mean colour
+        patch = np.where(mask[y:y + h, x:x + w, None] > 0, patch, fill)
+    return np.ascontiguousarray(patch), (x, y, w, h)
