@@ -25,8 +25,8 @@ DEFAULT_MAX_PIXELS = 150_000_000  # 12k x 12k; ISIC 2019/2020 photos are at most
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 _ORIENT = {  # EXIF orientation -> (rotate code or None, flip horizontally first)
     2: (None, True), 3: (cv2.ROTATE_180, False), 4: (cv2.ROTATE_180, True),
-    5: (cv2.ROTATE_90_CLOCKWISE, True), 6: (cv2.ROTATE_90_CLOCKWISE, False),
-    7: (cv2.ROTATE_90_COUNTERCLOCKWISE, True), 8: (cv2.ROTATE_90_COUNTERCLOCKWISE, False),
+    5: (cv2.ROTATE_90_COUNTERCLOCKWISE, True), 6: (cv2.ROTATE_90_CLOCKWISE, False),
+    7: (cv2.ROTATE_90_CLOCKWISE, True), 8: (cv2.ROTATE_90_COUNTERCLOCKWISE, False),
 }
 
 

@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -57,12 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = command.main(args=argv, prog_name="dermbatch", standalone_mode=False)
         return code if isinstance(code, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:  # usage errors from option parsing
-        exc.show()
-        return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         stderr.print("Aborted.")
         return 130
     except KeyboardInterrupt:
@@ -74,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()  # option-parsing errors (Click's, vendored by Typer): usage line + message
+            return exc.exit_code
         if debug:
             raise
         print(f"Error: unexpected {type(exc).__name__}: {exc} (set DERMBATCH_DEBUG=1 for the traceback)",
@@ -84,6 +83,3 @@ def main(argv: list[str] | None = None) -> int:
 def entry_point() -> None:
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    entry_point()

@@ -57,7 +57,8 @@ def run_command(
 
     def on_result(result) -> None:
         if not result.ok:
-            progress.console.print(f"skipped {result.path}: {result.error}", markup=False, highlight=False)
+            progress.console.print(f"skipped {result.path}: {result.error}", markup=False, highlight=False,
+                                   soft_wrap=True)
         task = progress.tasks[0]
         speed = task.finished_speed or task.speed
         progress.update(state["task"], advance=1, rate=f"{speed:.2f} img/s" if speed else "")

@@ -1,0 +1,5 @@
+"""``python -m dermbatch`` == ``dermbatch``."""
+
+from dermbatch.cli.main import entry_point
+
+entry_point()

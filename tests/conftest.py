@@ -1,0 +1,66 @@
+"""Shared fixtures: a small randomly initialised bundle of real smp/timm models, and real-data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dermbatch.bundle import IMAGENET_MEAN, IMAGENET_STD, CropSpec, ModelSpec
+
+DATA = Path(os.environ.get("DERMBATCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+HAM = DATA / "ham10000"
+ISIC_SEG = DATA / "isic2018_task1"
+
+
+def tiny_specs(folds=(0, 1), tta="flip"):
+    seg = ModelSpec("segmentation", "unet", "tu-mobilenetv3_small_050", (64, 64), IMAGENET_MEAN, IMAGENET_STD,
+                    tuple(folds), tta=tta, threshold=0.5)
+    cls = ModelSpec("classification", "timm", "mobilenetv3_small_050", (64, 64), IMAGENET_MEAN, IMAGENET_STD,
+                    tuple(folds), tta=tta)
+    return seg, cls
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A 2-fold bundle of real (randomly initialised) smp U-Net and timm classifier models."""
+    from dermbatch.models import create_random_bundle
+
+    root = tmp_path_factory.mktemp("bundle")
+    seg, cls = tiny_specs()
+    return create_random_bundle(root, seg, cls, CropSpec(margin=0.1), name="tiny-test")
+
+
+def synthetic_lesion(path: Path, size=(150, 200), seed=0, center=None, radius=None) -> np.ndarray:
+    """Write a skin-coloured image with one dark elliptical 'lesion'; return its true mask (0/1)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    image = np.empty((h, w, 3), np.uint8)
+    image[:] = (170, 130, 190)  # BGR skin tone
+    image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    cy, cx = center or (h // 2, w // 2)
+    ry, rx = radius or (h // 5, w // 6)
+    cv2.ellipse(mask, (cx, cy), (rx, ry), 15, 0, 360, 1, -1)
+    image[mask > 0] = (60, 40, 90)
+    cv2.imwrite(str(path), image)
+    return mask
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        synthetic_lesion(folder / f"img_{i}.jpg", seed=i)
+    synthetic_lesion(folder / "img_5.PNG", seed=5)
+    return folder
+
+
+def real_images(dataset: Path, count: int) -> list[Path]:
+    if not (dataset / "images").is_dir():
+        pytest.skip(f"real data not present at {dataset}")
+    return sorted((dataset / "images").glob("*.jpg"))[:count]

@@ -1,0 +1,91 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from dermbatch.bundle import load_bundle
+from dermbatch.errors import BundleError
+from dermbatch.models import build_model, load_fold_model
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    return shutil.copytree(tiny_bundle.path, tmp_path / "b")
+
+
+def _edit_manifest(root, edit):
+    manifest = json.loads((root / "bundle.json").read_text())
+    edit(manifest)
+    (root / "bundle.json").write_text(json.dumps(manifest))
+
+
+def test_bundle_roundtrip_loads_the_saved_weights(tiny_bundle):
+    bundle = load_bundle(tiny_bundle.path)
+    assert bundle.classes == ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+    assert bundle.segmentation.folds == (0, 1)
+    model = load_fold_model(bundle, "classification", 1)
+    fresh = build_model(bundle.classification)
+    key = next(k for k, v in model.state_dict().items() if v.is_floating_point() and v.numel() > 10)
+    assert not torch.equal(model.state_dict()[key], fresh.state_dict()[key])  # weights really loaded
+    from safetensors.torch import load_file
+    saved = load_file(str(tiny_bundle.path / "cls_fold1.safetensors"))
+    assert torch.equal(model.state_dict()[key], saved[key])
+
+
+def test_tampered_weights_are_refused_by_hash(bundle_copy):
+    path = bundle_copy / "seg_fold0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    bundle = load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match="sha256 .* does not match"):
+        bundle.read_weights("segmentation", 0)
+    bundle.read_weights("segmentation", 1)  # the untouched fold still loads
+
+
+def test_swapped_weight_files_are_refused(bundle_copy):
+    a, b = bundle_copy / "seg_fold0.safetensors", bundle_copy / "seg_fold1.safetensors"
+    tmp = bundle_copy / "tmp"
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    with pytest.raises(BundleError, match="does not match"):
+        load_bundle(bundle_copy).read_weights("segmentation", 0)
+
+
+def test_missing_weight_file(bundle_copy):
+    (bundle_copy / "cls_fold1.safetensors").unlink()
+    with pytest.raises(BundleError, match="cls_fold1.safetensors: weight file listed in bundle.json is missing"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(format_version=99), "format_version: is 99"),
+    (lambda m: m.update(classes=["NV", "MEL"]), "classes: must be the ISIC 2018 classes"),
+    (lambda m: m.update(extra=1), "extra: unknown key"),
+    (lambda m: m["segmentation"].update(input_size=[64]), r"segmentation.input_size: must be \[height, width\]"),
+    (lambda m: m["segmentation"].update(tta="rot"), "segmentation.tta: is 'rot'"),
+    (lambda m: m["classification"].update(folds=[0, 3]), "cls_fold3.safetensors .* is not listed"),
+    (lambda m: m["segmentation"].update(threshold=1.5), "segmentation.threshold"),
+    (lambda m: m["crop"].update(background="blur"), "crop.background"),
+    (lambda m: m["weights"].update({"seg_fold0.safetensors": "abc"}), "sha256 hex digest"),
+    (lambda m: m["weights"].update({"../evil.safetensors": "0" * 64}), "file names must look like"),
+])
+def test_manifest_validation_names_the_field(bundle_copy, edit, message):
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="unreadable manifest"):
+        load_bundle(tmp_path)
+
+
+def test_unknown_architecture_lists_valid_names(bundle_copy):
+    _edit_manifest(bundle_copy, lambda m: m["segmentation"].update(architecture="segformer9"))
+    bundle = load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match="valid: deeplabv3plus, fpn, linknet, unet, unetplusplus"):
+        load_fold_model(bundle, "segmentation", 0)
