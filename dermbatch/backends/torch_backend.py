@@ -37,19 +37,23 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
-                 max_batch: int = 64, fp16: bool | None = None):
+                 max_batch: int | None = None, fp16: bool | None = None):
         self.torch_device = resolve_device(device)
         self.device = str(self.torch_device)
         self.fp16 = self.torch_device.type == "cuda" if fp16 is None else fp16
-        self.max_batch = max_batch
+        # On CPU these CNNs run fastest at ~4 images per call and slow down past 8 (cache-bound):
+        # EfficientNet-Lite0 U-Net 256px, channels_last, 2 cores: 19-21 img/s at 4, 15-17 at 16.
+        self.max_batch = max_batch or (64 if self.torch_device.type == "cuda" else 4)
         self.models: dict[str, list[torch.nn.Module]] = {}
         for task, task_folds in (folds or {}).items():
-            self.models[task] = [load_fold_model(bundle, task, f).to(self.torch_device) for f in task_folds]
+            # channels_last: 1.1-1.9x faster for these CNNs on CPU (oneDNN), and the layout tensor cores want
+            self.models[task] = [load_fold_model(bundle, task, f).to(self.torch_device, memory_format=torch.channels_last)
+                                 for f in task_folds]
             log.info("%s: loaded folds %s on %s", task, ",".join(map(str, task_folds)), self.device)
 
     @torch.inference_mode()
     def _run(self, task: str, x: np.ndarray) -> np.ndarray:
-        xt = torch.from_numpy(x).to(self.torch_device, non_blocking=True)
+        xt = torch.from_numpy(x).to(self.torch_device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         outputs = []
         for model in self.models[task]:
             chunks = []

@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark scripts: real images, a default-architecture bundle, a results table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from dermbatch.bundle import IMAGENET_MEAN, IMAGENET_STD, CropSpec, ModelSpec
+
+DATA = Path(os.environ.get("DERMBATCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def real_images(count: int, dataset: str = "ham10000") -> list[Path]:
+    folder = DATA / dataset / "images"
+    if not folder.is_dir():
+        sys.exit(f"benchmark needs real images at {folder} (set DERMBATCH_DATA)")
+    images = sorted(folder.glob("*.jpg"))
+    return [images[i * len(images) // count] for i in range(count)]  # spread over the data set
+
+
+def default_specs(folds: int, tta: str) -> tuple[ModelSpec, ModelSpec]:
+    """The default bundle's architecture: EfficientNet-Lite0 U-Net (256) and classifier (224)."""
+    seg = ModelSpec("segmentation", "unet", "tu-tf_efficientnet_lite0", (256, 256), IMAGENET_MEAN, IMAGENET_STD,
+                    tuple(range(folds)), tta=tta)
+    cls = ModelSpec("classification", "timm", "tf_efficientnet_lite0", (224, 224), IMAGENET_MEAN, IMAGENET_STD,
+                    tuple(range(folds)), tta=tta)
+    return seg, cls
+
+
+def make_bundle(root: Path, folds: int, tta: str) -> Path:
+    from dermbatch.models import create_random_bundle
+
+    if not (root / "bundle.json").exists():
+        create_random_bundle(root, *default_specs(folds, tta), CropSpec(), name=f"bench-{folds}fold")
+    return root
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def report(title: str, rows: list[dict], extra: dict, json_path: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console = Console()
+    console.print(table)
+    for key, value in extra.items():
+        console.print(f"{key}: {value}")
+    if json_path:
+        json_path.write_text(json.dumps({"title": title, "rows": rows, **extra, "machine": machine()}, indent=2))
+        console.print(f"wrote {json_path}")
