@@ -1,6 +1,6 @@
 """Default ``dermbatch run`` vs a per-image loop, on real images, same weights, folds and TTA.
 
-    python benchmarks/bench_run.py --images 48 --folds 5 --tta flip --json bench_run.json
+    python -m benchmarks.bench_run --images 32 --folds 5 --tta flip --json bench_run.json
 
 Three ways, timed side by side in one process on the same images:
 * naive loop: decode one image, run every fold on every TTA view one forward call at a time (batch 1);
@@ -67,7 +67,7 @@ def dermbatch_run(bundle_path: Path, images: list[Path], tta: str, workdir: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "d4"])
     parser.add_argument("--json", type=Path)
@@ -89,7 +89,7 @@ def main() -> None:
         rows.append({"method": name, "seconds": seconds, "images/s": len(images) / seconds,
                      "speed-up vs naive": timings["naive per-image loop"] / seconds, "max |dp| vs run": float(diff)})
     report(f"dermbatch run vs per-image loop: {len(images)} HAM10000 images, {args.folds} folds, TTA {args.tta}",
-           rows, {"command": f"python benchmarks/bench_run.py --images {args.images} --folds {args.folds} "
+           rows, {"command": f"python -m benchmarks.bench_run --images {args.images} --folds {args.folds} "
                              f"--tta {args.tta}"}, args.json)
 
 

@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from dermbatch.bundle import IMAGENET_MEAN, IMAGENET_STD, CropSpec, ModelSpec
+from dermbatch.bundle import CropSpec
 
 DATA = Path(os.environ.get("DERMBATCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -21,17 +21,8 @@ def real_images(count: int, dataset: str = "ham10000") -> list[Path]:
     return [images[i * len(images) // count] for i in range(count)]  # spread over the data set
 
 
-def default_specs(folds: int, tta: str) -> tuple[ModelSpec, ModelSpec]:
-    """The default bundle's architecture: EfficientNet-Lite0 U-Net (256) and classifier (224)."""
-    seg = ModelSpec("segmentation", "unet", "tu-tf_efficientnet_lite0", (256, 256), IMAGENET_MEAN, IMAGENET_STD,
-                    tuple(range(folds)), tta=tta)
-    cls = ModelSpec("classification", "timm", "tf_efficientnet_lite0", (224, 224), IMAGENET_MEAN, IMAGENET_STD,
-                    tuple(range(folds)), tta=tta)
-    return seg, cls
-
-
 def make_bundle(root: Path, folds: int, tta: str) -> Path:
-    from dermbatch.models import create_random_bundle
+    from dermbatch.models import create_random_bundle, default_specs
 
     if not (root / "bundle.json").exists():
         create_random_bundle(root, *default_specs(folds, tta), CropSpec(), name=f"bench-{folds}fold")
@@ -53,7 +44,7 @@ def report(title: str, rows: list[dict], extra: dict, json_path: Path | None) ->
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
     console = Console()
     console.print(table)
     for key, value in extra.items():

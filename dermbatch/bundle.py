@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from dermbatch.errors import BundleError
-from dermbatch.manifest import CLASSES, FORMAT_VERSION, IMAGENET_MEAN, IMAGENET_STD, MANIFEST, TASK_PREFIX, TASKS, validate_manifest
+from dermbatch.manifest import (
+    CLASSES,
+    FORMAT_VERSION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MANIFEST,
+    TASK_PREFIX,
+    TASKS,
+    validate_manifest,
+)
 
 __all__ = ["CLASSES", "Bundle", "CropSpec", "ModelSpec", "load_bundle", "save_weights", "write_manifest"]
 
@@ -159,7 +168,8 @@ def _model_spec(task: str, section: dict) -> ModelSpec:
                      tta=section.get("tta", "flip"), threshold=float(section.get("threshold", 0.5)))
 
 
-def save_weights(root: str | os.PathLike, task: str, fold: int, state_dict: dict, half: bool = False) -> tuple[str, str]:
+def save_weights(root: str | os.PathLike, task: str, fold: int, state_dict: dict,
+                 half: bool = False) -> tuple[str, str]:
     """Write one fold's weights as safetensors; return (file name, sha256) for the manifest."""
     from safetensors.torch import save_file
 

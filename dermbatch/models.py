@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from dermbatch.bundle import (Bundle, CropSpec, ModelSpec, build_manifest, load_bundle, save_weights,
-                              write_manifest)
+from dermbatch.bundle import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Bundle,
+    CropSpec,
+    ModelSpec,
+    build_manifest,
+    load_bundle,
+    save_weights,
+    write_manifest,
+)
 from dermbatch.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,15 @@ def random_state_dict(spec: ModelSpec, num_classes: int = 7, seed: int = 0) -> d
     """State dict of a seeded random model: used for tests and benchmarks that need real-size models."""
     torch.manual_seed(seed)
     return build_model(spec, num_classes).state_dict()
+
+
+def default_specs(folds: int = 5, tta: str = "flip") -> tuple[ModelSpec, ModelSpec]:
+    """The default architecture: EfficientNet-Lite0 U-Net at 256 px and EfficientNet-Lite0 classifier at 224 px."""
+    seg = ModelSpec("segmentation", "unet", "tu-tf_efficientnet_lite0", (256, 256), IMAGENET_MEAN, IMAGENET_STD,
+                    tuple(range(folds)), tta=tta)
+    cls = ModelSpec("classification", "timm", "tf_efficientnet_lite0", (224, 224), IMAGENET_MEAN, IMAGENET_STD,
+                    tuple(range(folds)), tta=tta)
+    return seg, cls
 
 
 def create_random_bundle(root, segmentation: ModelSpec, classification: ModelSpec, crop: CropSpec | None = None,

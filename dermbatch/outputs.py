@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dermbatch.bundle import CLASSES
 from dermbatch.errors import OutputError
@@ -78,7 +78,7 @@ class RunLock:
         self.path = Path(str(out) + ".lock")
         self._fh = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         try:
             import fcntl
         except ImportError:  # Windows: no advisory locks; document rather than pretend

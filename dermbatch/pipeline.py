@@ -7,16 +7,23 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from dermbatch import __version__
 from dermbatch.errors import OutputError, UsageError
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import batched
-from dermbatch.outputs import DETAIL_COLUMNS, RESULT_COLUMNS, CsvAppender, RunLock, read_complete_rows, write_bytes_atomic
+from dermbatch.outputs import (
+    DETAIL_COLUMNS,
+    RESULT_COLUMNS,
+    CsvAppender,
+    RunLock,
+    read_complete_rows,
+    write_bytes_atomic,
+)
 from dermbatch.predictor import Predictor, Result
 from dermbatch.writer import OutputWriter
 

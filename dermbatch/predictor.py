@@ -10,9 +10,9 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -123,7 +123,7 @@ class Predictor:
                  len(views(self.tta["segmentation"])), self.tta["classification"],
                  len(views(self.tta["classification"])))
 
-    def __enter__(self) -> "Predictor":
+    def __enter__(self) -> Predictor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -156,19 +156,19 @@ class Predictor:
     def predict_batch(self, batch: list[Sample]) -> list[Result]:
         results = [Result(s.item.image_id, s.item.path, self.bundle.classes, error=s.error) for s in batch]
         self.seconds["decode"] += sum(s.seconds for s in batch)
-        good = [(r, s) for r, s in zip(results, batch) if s.error is None]
+        good = [(r, s) for r, s in zip(results, batch, strict=False) if s.error is None]
         if not good:
             return results
         start = time.perf_counter()
         x = np.stack([s.seg_input for _, s in good])
         logits = segment_with_tta(self.backend.segment, x, self.tta["segmentation"])
         crops = []
-        for (result, sample), seg_logits in zip(good, logits):
+        for (result, sample), seg_logits in zip(good, logits, strict=False):
             self._finish_mask(result, sample.decoded, seg_logits[0])
             crops.append(model_input(result.crop, self.cls_spec))
         mid = time.perf_counter()
         cls_logits = classify_with_tta(self.backend.classify, np.stack(crops), self.tta["classification"])
-        for (result, _), probs in zip(good, softmax(cls_logits.astype(np.float64))):
+        for (result, _), probs in zip(good, softmax(cls_logits.astype(np.float64)), strict=False):
             result.probabilities = probs
         self.seconds["segment"] += mid - start
         self.seconds["classify"] += time.perf_counter() - mid

@@ -9,7 +9,7 @@ call; mask logits are mapped back with the inverse view, and everything is avera
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

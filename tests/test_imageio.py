@@ -45,7 +45,7 @@ def test_other_pixel_formats_become_rgb_uint8(tmp_path, mode):
     rgb = _pattern()
     image = Image.fromarray(rgb).convert("L" if mode == "I;16" else mode)
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(image).astype(np.uint16) * 257))
+        image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
     path = tmp_path / "x.png"
     image.save(path)
     decoded = decode_image(path)

@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 
 from dermbatch.bundle import CropSpec
-from dermbatch.postprocess import expand_box, fill_holes, largest_component, logit, mask_bbox, mask_from_logits, scale_box
+from dermbatch.postprocess import (
+    expand_box,
+    fill_holes,
+    largest_component,
+    logit,
+    mask_bbox,
+    mask_from_logits,
+    scale_box,
+)
 from dermbatch.preprocess import lesion_crop
 
 

@@ -11,14 +11,14 @@ def test_views_are_distinct_and_invertible(mode, count):
     assert len(vs) == count
     transformed = [apply_view(x, v) for v in vs]
     assert len({t.tobytes() for t in transformed}) == count
-    for v, t in zip(vs, transformed):
+    for v, t in zip(vs, transformed, strict=False):
         np.testing.assert_array_equal(invert_view(t, v), x)
 
 
 def test_flip_views_match_numpy_flips():
     x = np.random.default_rng(0).normal(size=(1, 1, 4, 6))
     expected = [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]]  # id, h, v, hv
-    for v, e in zip(views("flip"), expected):
+    for v, e in zip(views("flip"), expected, strict=False):
         np.testing.assert_array_equal(apply_view(x, v), e)
 
 

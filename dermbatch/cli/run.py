@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,19 +14,19 @@ from dermbatch.errors import UsageError
 
 @app.command("run")
 def run_command(
-    inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (jpg, png, bmp, tif)."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (jpg, png, bmp, tif)."),
     out: Path = typer.Option(..., "--out", "-o", help="Results CSV (ISIC 2018 Task 3 format)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model bundle folder [default: installed bundle]."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder [default: installed bundle]."),
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt (those installed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    tta: Optional[str] = typer.Option(None, help="none | flip (4 views) | d4 (8 views) [default: the bundle's]."),
+    tta: str | None = typer.Option(None, help="none | flip (4 views) | d4 (8 views) [default: the bundle's]."),
     folds: str = typer.Option("all", help="'all' or fold numbers, e.g. 0,2."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward batch."),
     workers: int = typer.Option(2, min=0, help="Decode threads (0: decode in the main thread)."),
-    masks: Optional[Path] = typer.Option(None, help="Write <id>_segmentation.png masks (0/255) here."),
-    annotate: Optional[Path] = typer.Option(None, help="Write annotated images here."),
-    crops: Optional[Path] = typer.Option(None, help="Write the classifier's lesion crops here."),
-    details: Optional[Path] = typer.Option(None, help="Details CSV [default: <out stem>_details.csv]."),
+    masks: Path | None = typer.Option(None, help="Write <id>_segmentation.png masks (0/255) here."),
+    annotate: Path | None = typer.Option(None, help="Write annotated images here."),
+    crops: Path | None = typer.Option(None, help="Write the classifier's lesion crops here."),
+    details: Path | None = typer.Option(None, help="Details CSV [default: <out stem>_details.csv]."),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --out and append the rest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Descend into sub-folders."),
