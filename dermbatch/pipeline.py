@@ -168,7 +168,7 @@ def write_manifest(options: RunOptions, predictor: Predictor, summary: RunSummar
     options_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     manifest = {
         "dermbatch_run": 1,
-        "command": sys.argv,
+        "command": sys.argv if len(sys.argv) <= 64 else [*sys.argv[:32], f"… {len(sys.argv) - 32} more arguments"],
         "options": options_dict,
         "bundle": {"name": predictor.bundle.name, "path": str(predictor.bundle.path.resolve()),
                    "weights_sha256": predictor.bundle.hashes()},
