@@ -58,9 +58,10 @@ def run_command(
         if not result.ok:
             progress.console.print(f"skipped {result.path}: {result.error}", markup=False, highlight=False,
                                    soft_wrap=True)
-        task = progress.tasks[0]
-        speed = task.finished_speed or task.speed
-        progress.update(state["task"], advance=1, rate=f"{speed:.2f} img/s" if speed else "")
+        progress.update(state["task"], advance=1)
+        task = progress.tasks[0]  # results arrive a batch at a time: average over the run, not a window
+        if task.elapsed:
+            progress.update(state["task"], rate=f"{task.completed / task.elapsed:.2f} img/s")
 
     with progress:
         summary = run(options, on_start=on_start, on_result=on_result)
