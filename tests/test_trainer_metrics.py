@@ -14,8 +14,8 @@ def test_thresholded_jaccard_zeroes_images_below_065():
 
 
 def test_jaccard_by_hand():
-    a = np.zeros((4, 4)); a[:2] = 1
-    b = np.zeros((4, 4)); b[1:3] = 1
+    a, b = np.zeros((4, 4)), np.zeros((4, 4))
+    a[:2], b[1:3] = 1, 1
     assert jaccard(a, b) == pytest.approx(4 / 12)
     assert jaccard(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
 
@@ -40,7 +40,8 @@ def test_class_weights():
 
 def test_losses_decrease_towards_the_target():
     import torch
-    target = torch.zeros(1, 1, 4, 4); target[..., :2, :] = 1
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1
     loss = BceDiceLoss()
     assert loss(target * 20 - 10, target) < loss(torch.zeros_like(target), target)
     ce = ClassificationLoss(focal_gamma=2.0)

@@ -37,8 +37,13 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes=CLASSES) -> dict:
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 precision_recall_fscore_support, roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     k = len(classes)
     predicted = probs.argmax(1)

@@ -46,7 +46,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register_commands() -> None:
-    from dermbatch.cli import run  # noqa: F401  (registers `dermbatch run`)
+    from dermbatch.cli import run, train  # noqa: F401  (each module registers its commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,74 @@
+"""``dermbatch train``: parse and check the options, then call ``trainer.train`` (imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dermbatch.cli.main import app, setup_logging, stderr
+from dermbatch.errors import UsageError
+
+TASKS = {"seg": "segmentation", "cls": "classification", "both": "both"}
+
+
+@app.command("train")
+def train_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create or extend."),
+    task: str = typer.Option("both", help="seg | cls | both (both needs --data in the official layout)."),
+    data: Path = typer.Option(Path("data"), help="Official ISIC 2018 layout (used when --task both)."),
+    images: Path | None = typer.Option(None, help="Images folder (with --task seg|cls)."),
+    masks: Path | None = typer.Option(None, help="Masks folder: <id>_segmentation.png (seg: required; cls: crops)."),
+    labels: Path | None = typer.Option(None, help="Labels CSV (cls): label or one-hot columns, optional lesion_id."),
+    folds: int = typer.Option(5, min=2, help="Number of folds (k-fold, grouped by lesion)."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    input_size: int | None = typer.Option(None, help="Square input size [default: seg 256, cls 224]."),
+    encoder: str = typer.Option("tf_efficientnet_lite0", help="timm model name (smp 'tu-' encoder for seg)."),
+    pretrained: str = typer.Option("imagenet", help="none | imagenet | PATH to a weights file."),
+    lr: float = typer.Option(1e-3, help="Head learning rate (the backbone gets lr x --backbone-lr-mult)."),
+    backbone_lr_mult: float = typer.Option(0.1, help="Differential learning rate of the pretrained backbone."),
+    head_warmup_epochs: int = typer.Option(0, help="Epochs training only the head (backbone frozen)."),
+    schedule: str = typer.Option("cosine", help="cosine | sgdr | onecycle."),
+    sgdr_cycle: int = typer.Option(0, help="SGDR first cycle length in epochs [default: a third of the run]."),
+    patience: int = typer.Option(0, help="Early stopping after N epochs without improvement (0: off)."),
+    class_weights: str = typer.Option("balanced-sqrt", help="ones | balanced | balanced-sqrt (cls)."),
+    focal_gamma: float = typer.Option(0.0, help="Focal loss gamma (cls; 0: cross-entropy)."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing (cls)."),
+    balanced_sampling: bool = typer.Option(False, "--balanced-sampling", help="Class-balanced sampling (cls)."),
+    tta: str = typer.Option("flip", help="Default TTA stored in the bundle: none | flip | d4."),
+    limit: int | None = typer.Option(None, help="Use a seeded random subset of N images (quick runs)."),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(2, min=0, help="Data-loading worker processes."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    cache: Path | None = typer.Option(None, help="Decode cache [default: ~/.cache/dermbatch/train]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its checkpoints."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> int:
+    """Train k-fold segmentation and/or classification models into a bundle that `dermbatch run` reads."""
+    from dermbatch.backends.torch_backend import resolve_device
+    from trainer.run import plan_tasks
+
+    setup_logging(quiet)
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r}: choose seg, cls or both")
+    fit = dict(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, backbone_lr_mult=backbone_lr_mult,
+               head_warmup_epochs=head_warmup_epochs, sgdr_cycle_epochs=sgdr_cycle, patience=patience,
+               balanced_sampling=balanced_sampling, seed=seed, workers=workers, device=str(resolve_device(device)))
+    plans = plan_tasks(TASKS[task], out=out, data=data, images=images, masks=masks, labels=labels, folds=folds,
+                       input_size=input_size, encoder=encoder, pretrained=pretrained, tta=tta,
+                       class_weights=class_weights, focal_gamma=focal_gamma, label_smoothing=label_smoothing,
+                       limit=limit, cache=cache, resume=resume, fit=fit)
+    from trainer.train import train_task
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, disable=quiet, transient=True)
+    with progress:
+        for plan in plans:
+            metrics = train_task(plan, progress)
+            headline = ("thresholded_jaccard" if plan.task == "segmentation" else "balanced_accuracy")
+            stderr.print(f"{plan.task}: out-of-fold {headline} {metrics[headline]:.4f} over {metrics['images']} "
+                         f"images -> {out / 'metrics.json'}")
+    typer.echo(str(out))
+    return 0

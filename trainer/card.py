@@ -1,0 +1,57 @@
+"""The model card (``README.md`` inside a bundle), written from the manifest and the OOF metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dermbatch.bundle import CLASSES
+
+WARNING = ("**Research use only. This is not a medical device**: it must not be used to diagnose, treat or "
+           "triage patients. Trained on public dermoscopic images, most from fair-skinned patients; accuracy "
+           "on other populations, cameras and clinics is unknown.")
+LICENCE = ("Training data: HAM10000 (Tschandl et al., Sci. Data 5:180161, 2018) and ISIC 2018 Task 1 "
+           "(Codella et al., arXiv:1902.03368), both CC BY-NC 4.0: these weights are for non-commercial research.")
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_model_card(bundle_dir: Path) -> Path:
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    metrics_path = bundle_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    lines = [f"# {manifest.get('name', bundle_dir.name)}", "", WARNING, "", LICENCE, ""]
+    for task in ("segmentation", "classification"):
+        section = manifest.get(task)
+        if not section:
+            continue
+        prov = manifest.get("provenance", {}).get(task, {})
+        lines += [f"## {task.capitalize()}", "",
+                  f"- model: {section['architecture']} / {section['encoder']}, input {section['input_size']}, "
+                  f"folds {section['folds']}, TTA {section['tta']}",
+                  f"- data: {prov.get('data', '–')} ({prov.get('images', '–')} images), "
+                  f"initialisation: {prov.get('pretrained', '–')}",
+                  f"- trained with: `{' '.join(prov.get('command', [])) or '–'}`", ""]
+        m = metrics.get(task)
+        if not m:
+            continue
+        lines += [f"Out-of-fold metrics (grouped by lesion, {m['images']} images, folds {m.get('folds')}):", ""]
+        if task == "segmentation":
+            lines += ["| thresholded Jaccard | Jaccard | Dice |", "| --- | --- | --- |",
+                      f"| {_fmt(m['thresholded_jaccard'])} | {_fmt(m['jaccard'])} | {_fmt(m['dice'])} |", ""]
+        else:
+            lines += ["| balanced accuracy | macro AUC | accuracy | ECE |", "| --- | --- | --- | --- |",
+                      f"| {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_auc'])} | {_fmt(m['accuracy'])} | "
+                      f"{_fmt(m['ece'])} |", "", "| class | recall | precision | AUC | images |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {c} | {_fmt(m['per_class'][c]['recall'])} | {_fmt(m['per_class'][c]['precision'])} | "
+                      f"{_fmt(m['per_class'][c]['auc'])} | {m['per_class'][c]['support']} |" for c in CLASSES]
+            lines.append("")
+        speed = m.get("train_images_per_s")
+        if speed:
+            lines += [f"Training speed: {speed:.1f} images/s (mean over epochs and folds).", ""]
+    path = bundle_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path

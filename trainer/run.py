@@ -1,0 +1,70 @@
+"""From command-line options to the list of tasks to train (items, specs, fit settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dermbatch.errors import UsageError
+from trainer.data import Item, cls_items, official_paths, seg_items
+from trainer.fit import FitConfig
+from trainer.losses import CLASS_WEIGHTS
+from trainer.optim import SCHEDULES
+from trainer.train import TaskOptions
+
+
+def subset(items: list[Item], limit: int | None, seed: int) -> list[Item]:
+    """A seeded random subset of about ``limit`` images, taking whole lesions."""
+    if not limit or limit >= len(items):
+        return items
+    groups = sorted({i.group or i.image_id for i in items})
+    order = np.random.default_rng(seed).permutation(len(groups))
+    chosen, count = set(), 0
+    by_group: dict[str, int] = {}
+    for item in items:
+        key = item.group or item.image_id
+        by_group[key] = by_group.get(key, 0) + 1
+    for index in order:
+        if count >= limit:
+            break
+        chosen.add(groups[index])
+        count += by_group[groups[index]]
+    return [i for i in items if (i.group or i.image_id) in chosen]
+
+
+def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: Path | None, labels: Path | None,
+               limit: int | None, cache: Path | None, resume: bool, fit: dict, **model_options) -> list[TaskOptions]:
+    if fit["schedule"] not in SCHEDULES:
+        raise UsageError(f"--schedule {fit['schedule']!r}: choose {', '.join(SCHEDULES)}")
+    if model_options["class_weights"] not in CLASS_WEIGHTS:
+        raise UsageError(f"--class-weights {model_options['class_weights']!r}: choose {', '.join(CLASS_WEIGHTS)}")
+    if model_options["tta"] not in ("none", "flip", "d4"):
+        raise UsageError(f"--tta {model_options['tta']!r}: choose none, flip or d4")
+    jobs: list[tuple[str, list[Item], str]] = []
+    if task == "both":
+        if images or labels:
+            raise UsageError("--images/--labels go with --task seg or --task cls; --task both reads --data")
+        paths = official_paths(data)
+        jobs.append(("segmentation", seg_items(paths["seg_images"], paths["seg_masks"]), str(data)))
+        jobs.append(("classification", cls_items(paths["cls_images"], paths["cls_labels"], masks,
+                                                 paths["cls_groups"]), str(data)))
+    elif task == "segmentation":
+        if images is None or masks is None:
+            raise UsageError("--task seg needs --images DIR and --masks DIR")
+        jobs.append((task, seg_items(images, masks), f"{images} + {masks}"))
+    else:
+        if images is None or labels is None:
+            raise UsageError("--task cls needs --images DIR and --labels CSV (and --masks DIR for lesion crops)")
+        jobs.append((task, cls_items(images, labels, masks), f"{images} + {labels}"))
+    plans = []
+    for name, items, description in jobs:
+        chosen = subset(items, limit, fit["seed"])
+        if name == "classification" and not any(i.mask for i in chosen):
+            import logging
+            logging.getLogger(__name__).warning("classification: no masks given, training on whole images "
+                                                "(pass --masks for lesion crops like `dermbatch run` makes)")
+        plans.append(TaskOptions(task=name, items=chosen, out=Path(out), cache_dir=cache, resume=resume,
+                                 data_description=description + (f" (subset of {len(chosen)})" if limit else ""),
+                                 fit=FitConfig(**fit), **model_options))
+    return plans

@@ -1,0 +1,178 @@
+"""``dermbatch train``: k-fold training of one task into a bundle (adding to what the bundle already has).
+
+Per fold: build the model, initialise the backbone, fit with checkpoints, keep the best epoch, write its
+weights into the bundle and the manifest (so a bundle is usable after any finished fold), and write the
+fold's out-of-fold predictions. After the last fold: ``metrics.json`` from all OOF predictions, and the
+model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermbatch.bundle import (
+    CLASSES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CropSpec,
+    ModelSpec,
+    build_manifest,
+    load_bundle,
+    save_weights,
+    spec_to_dict,
+    write_manifest,
+)
+from dermbatch.errors import UsageError
+from dermbatch.models import build_model
+from trainer.card import write_model_card
+from trainer.data import Item
+from trainer.dataset import TrainingSet, default_cache_dir
+from trainer.fit import FitConfig, derived_seed, fit_fold
+from trainer.losses import BceDiceLoss, ClassificationLoss, class_weights
+from trainer.metrics import classification_metrics, segmentation_metrics
+from trainer.oof import classification_oof, read_rows, segmentation_oof, write_rows
+from trainer.pretrained import load_pretrained
+from trainer.splits import load_or_make
+
+log = logging.getLogger(__name__)
+DEFAULT_INPUT = {"segmentation": 256, "classification": 224}
+
+
+@dataclass
+class TaskOptions:
+    task: str
+    items: list[Item]
+    out: Path
+    folds: int = 5
+    input_size: int | None = None
+    architecture: str | None = None
+    encoder: str = "tf_efficientnet_lite0"
+    pretrained: str = "imagenet"
+    tta: str = "flip"
+    crop: CropSpec = field(default_factory=CropSpec)
+    class_weights: str = "balanced-sqrt"
+    focal_gamma: float = 0.0
+    label_smoothing: float = 0.0
+    cache_dir: Path | None = None
+    resume: bool = False
+    data_description: str = ""
+    fit: FitConfig = field(default_factory=FitConfig)
+
+
+def model_spec(opts: TaskOptions) -> ModelSpec:
+    size = opts.input_size or DEFAULT_INPUT[opts.task]
+    seg = opts.task == "segmentation"
+    encoder = f"tu-{opts.encoder}" if seg and not opts.encoder.startswith("tu-") else opts.encoder
+    return ModelSpec(opts.task, opts.architecture or ("unet" if seg else "timm"), encoder, (size, size),
+                     IMAGENET_MEAN, IMAGENET_STD, tuple(range(opts.folds)), tta=opts.tta)
+
+
+def _existing_manifest(out: Path) -> dict | None:
+    return load_bundle(out).manifest if (out / "bundle.json").exists() else None
+
+
+def _update_manifest(opts: TaskOptions, spec: ModelSpec, done_folds: list[int], weights: dict, provenance: dict):
+    manifest = _existing_manifest(opts.out) or build_manifest(None, None, opts.crop, {}, opts.out.name)
+    prefix = "seg_" if opts.task == "segmentation" else "cls_"
+    manifest["weights"] = {k: v for k, v in manifest["weights"].items() if not k.startswith(prefix)} | weights
+    manifest[opts.task] = spec_to_dict(spec) | {"folds": sorted(done_folds)}
+    manifest["crop"] = asdict(opts.crop)
+    manifest.setdefault("provenance", {})[opts.task] = provenance
+    write_manifest(opts.out, manifest)
+
+
+def train_task(opts: TaskOptions, progress=None) -> dict:
+    spec = model_spec(opts)
+    labels = [i.label for i in opts.items] if opts.task == "classification" else None
+    groups = [i.group or i.image_id for i in opts.items]
+    fold_of = load_or_make(opts.out, opts.task, [i.image_id for i in opts.items], opts.folds, opts.fit.seed,
+                           labels, groups if any(i.group for i in opts.items) else None)
+    previous = _existing_manifest(opts.out)
+    section = (previous or {}).get(opts.task) or {}
+    same_model = section.get("encoder") == spec.encoder and section.get("input_size") == list(spec.input_size)
+    if section and not same_model:
+        raise UsageError(f"{opts.out} already has a {opts.task} model with another encoder or input size; "
+                         "use a new --out")
+    if section and not opts.resume:
+        raise UsageError(f"{opts.out} already has a {opts.task} model; pass --resume to continue it or use a new --out")
+    done = list(section.get("folds", [])) if opts.resume else []
+    prefix = "seg" if opts.task == "segmentation" else "cls"
+    weights = {name: digest for name, digest in (previous or {}).get("weights", {}).items()
+               if name.startswith(prefix) and int(re.search(r"fold(\d+)", name).group(1)) in done}
+    cache = opts.cache_dir or default_cache_dir()
+    provenance = {"command": sys.argv, "data": opts.data_description, "images": len(opts.items),
+                  "pretrained": opts.pretrained, "fit": asdict(opts.fit), "class_weights": opts.class_weights,
+                  "focal_gamma": opts.focal_gamma, "label_smoothing": opts.label_smoothing,
+                  "torch": torch.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for fold in range(opts.folds):
+        if fold in done:
+            log.info("%s fold %d: already in the bundle, skipped", opts.task, fold)
+            continue
+        train_items = [i for i in opts.items if fold_of[i.image_id] != fold]
+        val_items = [i for i in opts.items if fold_of[i.image_id] == fold]
+        log.info("%s fold %d: %d training, %d validation images", opts.task, fold, len(train_items), len(val_items))
+        torch.manual_seed(derived_seed(opts.fit.seed, fold, 0, 3))
+        model = build_model(spec, num_classes=len(CLASSES))
+        load_pretrained(model, opts.task, spec.encoder, opts.pretrained)
+        train_set = TrainingSet(train_items, opts.task, spec, opts.crop, cache, train=True, seed=opts.fit.seed)
+        val_set = TrainingSet(val_items, opts.task, spec, opts.crop, cache, train=False, seed=opts.fit.seed)
+        if opts.task == "segmentation":
+            loss = BceDiceLoss()
+        else:
+            weights_c = class_weights([i.label for i in train_items], len(CLASSES), opts.class_weights)
+            loss = ClassificationLoss(weights_c, opts.label_smoothing, opts.focal_gamma)
+        outcome = fit_fold(model, spec, train_set, val_set, loss, opts.fit, fold,
+                           opts.out / "checkpoints" / f"{prefix}_fold{fold}.pt",
+                           opts.out / "logs" / f"{prefix}_fold{fold}.csv", opts.resume, progress)
+        model.load_state_dict(outcome.best_state)
+        model.to(opts.fit.device)
+        if opts.task == "segmentation":
+            rows = segmentation_oof(model, spec, val_items, opts.fit.device)
+        else:
+            rows = classification_oof(model, spec, val_set, opts.fit.device)
+        write_rows(opts.out / "oof" / f"{prefix}_fold{fold}.csv", rows, fold)
+        name, digest = save_weights(opts.out, opts.task, fold, outcome.best_state)
+        weights[name] = digest
+        done.append(fold)
+        _update_manifest(opts, spec, done, weights, provenance)
+        log.info("%s fold %d: best epoch %d, validation score %.4f; saved %s", opts.task, fold,
+                 outcome.best_epoch, outcome.best_score, name)
+    metrics = oof_metrics(opts.out, opts.task, opts.folds)
+    write_model_card(opts.out)
+    return metrics
+
+
+def oof_metrics(out: Path, task: str, folds: int) -> dict:
+    """Metrics over every image's out-of-fold prediction; stored in ``metrics.json`` under the task."""
+    prefix = "seg" if task == "segmentation" else "cls"
+    rows = read_rows([out / "oof" / f"{prefix}_fold{k}.csv" for k in range(folds)
+                      if (out / "oof" / f"{prefix}_fold{k}.csv").exists()])
+    if task == "segmentation":
+        metrics = segmentation_metrics([float(r["jaccard"]) for r in rows])
+    else:
+        probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
+        metrics = classification_metrics(probs, np.array([CLASSES.index(r["label"]) for r in rows]))
+    metrics["folds"] = sorted({int(r["fold"]) for r in rows})
+    metrics["train_images_per_s"] = _mean_training_speed(out, prefix)
+    path = out / "metrics.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[task] = metrics
+    path.write_text(json.dumps(stored, indent=2))
+    return metrics
+
+
+def _mean_training_speed(out: Path, prefix: str) -> float | None:
+    import csv
+
+    speeds = [float(row["train_images_per_s"]) for log_file in sorted((out / "logs").glob(f"{prefix}_fold*.csv"))
+              for row in csv.DictReader(open(log_file))]
+    return float(np.mean(speeds)) if speeds else None
