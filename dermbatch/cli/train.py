@@ -72,3 +72,87 @@ def train_command(
                          f"images -> {out / 'metrics.json'}")
     typer.echo(str(out))
     return 0
+
+
+@app.command("lr-find")
+def lr_find_command(
+    task: str = typer.Option(..., help="seg | cls."),
+    images: Path = typer.Option(..., help="Images folder."),
+    masks: Path | None = typer.Option(None, help="Masks folder (seg: required; cls: lesion crops)."),
+    labels: Path | None = typer.Option(None, help="Labels CSV (cls)."),
+    out: Path = typer.Option(Path("lr_find.png"), "--out", "-o", help="Where to save the loss curve (PNG)."),
+    input_size: int | None = typer.Option(None),
+    encoder: str = typer.Option("tf_efficientnet_lite0"),
+    pretrained: str = typer.Option("imagenet"),
+    batch_size: int = typer.Option(16, "--batch-size", min=2),
+    steps: int = typer.Option(100, min=10),
+    limit: int | None = typer.Option(2000, help="Images to sample from (whole lesions)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    cache: Path | None = typer.Option(None),
+) -> int:
+    """The learning-rate range test: sweep the LR, save the loss curve as a PNG, print a suggested rate."""
+    from dermbatch.backends.torch_backend import resolve_device
+    from dermbatch.models import build_model
+    from trainer.dataset import TrainingSet, default_cache_dir
+    from trainer.losses import BceDiceLoss, ClassificationLoss, class_weights
+    from trainer.lr_find import lr_range_test, plot
+    from trainer.pretrained import load_pretrained
+    from trainer.run import plan_tasks
+    from trainer.train import model_spec
+
+    setup_logging()
+    if task not in ("seg", "cls"):
+        raise UsageError(f"--task {task!r}: choose seg or cls")
+    fit = dict(epochs=1, batch_size=batch_size, lr=1e-3, schedule="cosine", seed=seed, workers=0,
+               device=str(resolve_device(device)))
+    (plan,) = plan_tasks(TASKS[task], out=out.parent, data=Path("."), images=images, masks=masks, labels=labels,
+                         limit=limit, cache=cache, resume=False, fit=fit, folds=2, input_size=input_size,
+                         encoder=encoder, pretrained=pretrained, tta="none", class_weights="balanced-sqrt",
+                         focal_gamma=0.0, label_smoothing=0.0)
+    spec = model_spec(plan)
+    model = build_model(spec)
+    load_pretrained(model, spec.task, spec.encoder, pretrained)
+    dataset = TrainingSet(plan.items, spec.task, spec, plan.crop, cache or default_cache_dir(), train=True, seed=seed)
+    if spec.task == "segmentation":
+        loss = BceDiceLoss()
+    else:
+        loss = ClassificationLoss(class_weights([i.label for i in plan.items], 7, "balanced-sqrt"))
+    lrs, losses, suggestion = lr_range_test(model, dataset, loss, batch_size, fit["device"], steps=steps, seed=seed)
+    plot(lrs, losses, suggestion, out, f"LR range test: {spec.task}, {spec.encoder}, {len(plan.items)} images")
+    typer.echo(f"suggested learning rate: {suggestion:.2e} (loss curve: {out})")
+    return 0
+
+
+@app.command("evaluate")
+def evaluate_command(
+    images: Path = typer.Option(..., help="Images with ground truth."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Bundle [default: installed bundle]."),
+    masks: Path | None = typer.Option(None, help="Ground-truth masks (<id>_segmentation.png)."),
+    labels: Path | None = typer.Option(None, help="Ground-truth labels CSV."),
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Folder for predictions and evaluation.json."),
+    tta: str | None = typer.Option(None),
+    folds: str = typer.Option("all"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    workers: int = typer.Option(2, min=0),
+    device: str = typer.Option("auto"),
+    backend: str = typer.Option("auto"),
+) -> int:
+    """Run the pipeline on images with ground truth and report the ISIC metrics."""
+    from trainer.evaluate import evaluate
+
+    setup_logging()
+    if masks is None and labels is None:
+        raise UsageError("evaluate needs --masks and/or --labels to score against")
+    report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, tta=tta, folds=folds,
+                      batch_size=batch_size, workers=workers, device=device, backend=backend)
+    if "segmentation" in report:
+        s = report["segmentation"]
+        stderr.print(f"segmentation: thresholded Jaccard {s['thresholded_jaccard']:.4f}, Jaccard {s['jaccard']:.4f}, "
+                     f"Dice {s['dice']:.4f} ({s['images']} images)")
+    if "classification" in report:
+        c = report["classification"]
+        stderr.print(f"classification: balanced accuracy {c['balanced_accuracy']:.4f}, macro AUC {c['macro_auc']:.4f},"
+                     f" accuracy {c['accuracy']:.4f} ({c['images']} images)")
+    typer.echo(str(out / "evaluation.json"))
+    return 3 if report["failed"] else 0

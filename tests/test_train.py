@@ -1,0 +1,80 @@
+"""Short k-fold trainings on real data: a bundle `dermbatch run` consumes, grouped splits, exact resume."""
+
+import json
+
+import pytest
+
+import trainer.fit
+from dermbatch.cli.main import main
+from tests.conftest import HAM, ISIC_SEG, real_images
+from trainer.run import plan_tasks
+from trainer.train import train_task
+
+pytestmark = pytest.mark.realdata
+
+
+def _train(*args):
+    return main(["train", "--folds", "2", "--epochs", "1", "--input-size", "64", "--batch-size", "8",
+                 "--workers", "0", "-q", *map(str, args)])
+
+
+def test_seg_then_cls_training_makes_a_bundle_that_run_consumes(tmp_path):
+    real_images(ISIC_SEG, 1), real_images(HAM, 1)
+    out, cache = tmp_path / "bundle", tmp_path / "cache"
+    assert _train("--task", "seg", "--images", ISIC_SEG / "images", "--masks", ISIC_SEG / "masks",
+                  "--limit", "24", "--out", out, "--cache", cache) == 0
+    assert _train("--task", "cls", "--images", HAM / "images", "--labels", HAM / "labels.csv",
+                  "--masks", HAM / "masks", "--limit", "60", "--out", out, "--cache", cache) == 0
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["segmentation"]["folds"] == [0, 1] and manifest["classification"]["folds"] == [0, 1]
+    assert manifest["provenance"]["classification"]["pretrained"] == "imagenet"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["segmentation"]["images"] == 24 and 0 <= metrics["segmentation"]["thresholded_jaccard"] <= 1
+    assert metrics["classification"]["images"] >= 60
+    assert "balanced_accuracy" in metrics["classification"] and "ece" in metrics["classification"]
+    card = (out / "README.md").read_text()
+    assert "not a medical device" in card and "CC BY-NC" in card and "balanced accuracy" in card
+    splits = json.loads((out / "splits.json").read_text())["classification"]
+    assert splits["grouped_by"] == "lesion_id" and splits["stratified"]
+    images = real_images(HAM, 3)
+    assert main(["run", *map(str, images), "--out", str(tmp_path / "r.csv"), "--model", str(out), "-q"]) == 0
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 4
+
+
+def _plan(out, cache, epochs=2):
+    fit = dict(epochs=epochs, batch_size=8, lr=1e-3, schedule="cosine", backbone_lr_mult=0.1, head_warmup_epochs=0,
+               sgdr_cycle_epochs=0, patience=0, balanced_sampling=False, seed=3, workers=0, device="cpu")
+    (plan,) = plan_tasks("classification", out=out, data=HAM, images=HAM / "images", masks=HAM / "masks",
+                         labels=HAM / "labels.csv", limit=40, cache=cache, resume=False, fit=fit, folds=2,
+                         input_size=48, encoder="mobilenetv3_small_050", pretrained="none", tta="none",
+                         class_weights="balanced", focal_gamma=0.0, label_smoothing=0.0)
+    return plan
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
+    real_images(HAM, 1)
+    cache = tmp_path / "cache"
+    uninterrupted = train_task(_plan(tmp_path / "a", cache))
+
+    original, calls = trainer.fit._save_checkpoint, []
+
+    def save_then_die(*args):
+        original(*args)
+        calls.append(1)
+        if len(calls) == 3:  # fold 0 finished (2 epochs), fold 1 after its first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.fit, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(_plan(tmp_path / "b", cache))
+    monkeypatch.setattr(trainer.fit, "_save_checkpoint", original)
+    plan = _plan(tmp_path / "b", cache)
+    plan.resume = True
+    resumed = train_task(plan)
+    assert resumed["balanced_accuracy"] == uninterrupted["balanced_accuracy"]
+    assert resumed["per_class"] == uninterrupted["per_class"]
+    logs = (tmp_path / "b" / "logs" / "cls_fold1.csv").read_text().splitlines()
+    assert len(logs) == 3  # header + epoch 1 (before the interruption) + epoch 2 (after resuming)
+    reference = (tmp_path / "a" / "logs" / "cls_fold1.csv").read_text().splitlines()
+    untimed = [line.split(",")[:-2] for line in logs]  # the last two columns are seconds and images/s
+    assert untimed == [line.split(",")[:-2] for line in reference]

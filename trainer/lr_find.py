@@ -1,0 +1,72 @@
+"""The learning-rate range test (Smith 2017): raise the LR exponentially each step, record the smoothed
+loss, stop when it explodes, and suggest the rate where the loss falls fastest."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+def lr_range_test(model, dataset, loss_fn, batch_size: int, device: str = "cpu", start_lr: float = 1e-6,
+                  end_lr: float = 1.0, steps: int = 100, workers: int = 0, seed: int = 0):
+    """Return (learning rates, smoothed losses, suggested rate)."""
+    model.to(device).train()
+    loss_fn.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, weight_decay=1e-4)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    lrs, losses, smoothed, best = [], [], 0.0, math.inf
+    batches = iter(loader)
+    for step in range(steps):
+        lr = start_lr * (end_lr / start_lr) ** (step / max(1, steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            dataset.epoch += 1
+            batches = iter(loader)
+            x, y = next(batches)
+        loss = loss_fn(model(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        smoothed = 0.98 * smoothed + 0.02 * loss.item()
+        value = smoothed / (1 - 0.98 ** (step + 1))
+        lrs.append(lr)
+        losses.append(value)
+        best = min(best, value)
+        if not math.isfinite(value) or value > 4 * best:
+            break
+    return lrs, losses, suggest(lrs, losses)
+
+
+def suggest(lrs: list[float], losses: list[float]) -> float:
+    """The rate of steepest descent of the smoothed loss against log(lr), ignoring the noisy ends."""
+    if len(lrs) < 5:
+        return lrs[int(np.argmin(losses))] / 10
+    lo, hi = len(lrs) // 10, max(len(lrs) // 10 + 2, len(lrs) - len(lrs) // 10)
+    gradient = np.gradient(np.asarray(losses[lo:hi]), np.log10(lrs[lo:hi]))
+    return float(lrs[lo + int(np.argmin(gradient))])
+
+
+def plot(lrs: list[float], losses: list[float], suggestion: float, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested {suggestion:.2e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
