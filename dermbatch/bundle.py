@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,18 @@ class CropSpec:
 
 
 @dataclass(frozen=True)
+class PreprocessSpec:
+    """Optional photometric correction applied to every decoded image, in training and in ``run``."""
+
+    color_constancy: str = "none"  # "shades_of_gray": Finlayson & Trezzi 2004, Minkowski norm p=6
+    gamma: float = 1.0  # output = input ** (1 / gamma) on [0, 1]
+
+    @property
+    def active(self) -> bool:
+        return self.color_constancy != "none" or self.gamma != 1.0
+
+
+@dataclass(frozen=True)
 class Bundle:
     path: Path
     manifest: dict[str, Any]
@@ -72,6 +84,7 @@ class Bundle:
     segmentation: ModelSpec | None
     classification: ModelSpec | None
     crop: CropSpec
+    preprocessing: PreprocessSpec = PreprocessSpec()
 
     @property
     def name(self) -> str:
@@ -158,7 +171,7 @@ def parse_manifest(manifest: Any, root: Path) -> Bundle:
     specs = {task: _model_spec(task, manifest[task]) if manifest.get(task) else None for task in TASKS}
     crop = CropSpec(**manifest.get("crop", {}))
     return Bundle(Path(root), manifest, tuple(manifest["classes"]), specs["segmentation"],
-                  specs["classification"], crop)
+                  specs["classification"], crop, PreprocessSpec(**manifest.get("preprocessing", {})))
 
 
 def _model_spec(task: str, section: dict) -> ModelSpec:
@@ -203,7 +216,8 @@ def spec_to_dict(spec: ModelSpec) -> dict:
 
 
 def build_manifest(segmentation: ModelSpec | None, classification: ModelSpec | None, crop: CropSpec,
-                   weights: dict[str, str], name: str, provenance: dict | None = None) -> dict:
+                   weights: dict[str, str], name: str, provenance: dict | None = None,
+                   preprocessing: PreprocessSpec | None = None) -> dict:
     """The manifest dict for these specs (the inverse of ``parse_manifest``)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -212,6 +226,7 @@ def build_manifest(segmentation: ModelSpec | None, classification: ModelSpec | N
         "segmentation": spec_to_dict(segmentation) if segmentation else None,
         "classification": spec_to_dict(classification) if classification else None,
         "crop": {"margin": crop.margin, "square": crop.square, "background": crop.background},
+        "preprocessing": asdict(preprocessing or PreprocessSpec()),
         "weights": dict(sorted(weights.items())),
         "provenance": provenance or {},
     }

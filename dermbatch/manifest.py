@@ -23,6 +23,8 @@ _TOP_KEYS = {"format_version", "name", "description", "classes", "segmentation",
              "crop", "weights", "provenance", "preprocessing"}
 _MODEL_KEYS = {"architecture", "encoder", "input_size", "mean", "std", "folds", "tta", "threshold"}
 _CROP_KEYS = {"margin", "square", "background"}
+_PRE_KEYS = {"color_constancy", "gamma"}
+COLOR_CONSTANCY = ("none", "shades_of_gray")
 
 
 
@@ -105,6 +107,13 @@ def validate_manifest(manifest: Any, where: str) -> None:
     for key in ("provenance", "preprocessing"):
         if not isinstance(manifest.get(key, {}), dict):
             fail(key, "must be an object")
+    pre = manifest.get("preprocessing", {})
+    check_keys(pre, _PRE_KEYS, "preprocessing.")
+    if pre.get("color_constancy", "none") not in COLOR_CONSTANCY:
+        fail("preprocessing.color_constancy", f"choose one of {', '.join(COLOR_CONSTANCY)}")
+    gamma = pre.get("gamma", 1.0)
+    if not (_is_num(gamma) and 0.2 <= gamma <= 5):
+        fail("preprocessing.gamma", "must be a number in 0.2..5")
 
 
 def _is_int(value: Any) -> bool:

@@ -24,7 +24,7 @@ from dermbatch.imageio import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import Sample, batched, iter_samples
 from dermbatch.postprocess import Box, mask_from_logits, scale_box
-from dermbatch.preprocess import lesion_crop, model_input
+from dermbatch.preprocess import correct_colors, lesion_crop, model_input
 from dermbatch.tta import classify_with_tta, segment_with_tta, softmax, views
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ class Predictor:
 
     def _decode(self, item: InputImage) -> tuple[DecodedImage, np.ndarray]:
         decoded = decode_image(item.path, min_side=self.min_side, max_pixels=self.max_pixels)
+        decoded.rgb = correct_colors(decoded.rgb, self.bundle.preprocessing)  # what the models were trained on
         return decoded, model_input(decoded.rgb, self.seg_spec)
 
     def predict(self, inputs: str | os.PathLike | Iterable[str | os.PathLike] | Iterable[InputImage],

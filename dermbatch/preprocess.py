@@ -9,8 +9,22 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dermbatch.bundle import CropSpec, ModelSpec
+from dermbatch.bundle import CropSpec, ModelSpec, PreprocessSpec
 from dermbatch.postprocess import Box, expand_box, mask_bbox
+
+
+def correct_colors(rgb: np.ndarray, pre: PreprocessSpec) -> np.ndarray:
+    """The bundle's photometric correction: shades-of-gray colour constancy (p=6), then gamma."""
+    if not pre.active:
+        return rgb
+    x = rgb.astype(np.float32)
+    if pre.color_constancy == "shades_of_gray":
+        illuminant = np.power(np.mean(np.power(x, 6.0), axis=(0, 1)), 1 / 6.0)
+        illuminant = illuminant / max(float(np.linalg.norm(illuminant)), 1e-6)
+        x = x / np.maximum(illuminant * np.sqrt(3.0), 1e-6)
+    if pre.gamma != 1.0:
+        x = 255.0 * np.power(np.clip(x / 255.0, 0, 1), 1.0 / pre.gamma)
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -34,3 +34,36 @@ def test_normalize_is_torch_compatible():
     x = torch.from_numpy(normalize(np.zeros((4, 4, 3), np.uint8), _spec()))
     assert x.dtype == torch.float32
     np.testing.assert_allclose(x[:, 0, 0].numpy(), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD), rtol=1e-5)
+
+
+def test_shades_of_gray_removes_a_colour_cast_and_gamma_brightens():
+    from dermbatch.bundle import PreprocessSpec
+    from dermbatch.preprocess import correct_colors
+
+    cast = np.zeros((8, 8, 3), np.uint8)
+    cast[:] = (200, 100, 50)
+    neutral = correct_colors(cast, PreprocessSpec(color_constancy="shades_of_gray"))
+    assert np.ptp(neutral[0, 0].astype(int)) <= 1
+    gray = np.full((2, 2, 3), 64, np.uint8)
+    assert correct_colors(gray, PreprocessSpec(gamma=2.0))[0, 0, 0] == round(255 * (64 / 255) ** 0.5)
+    assert correct_colors(gray, PreprocessSpec()) is gray
+
+
+def test_run_applies_the_bundles_colour_correction(tiny_bundle, tmp_path):
+    import json
+    import shutil
+
+    import cv2
+
+    from dermbatch.cli.main import main
+
+    bundle = shutil.copytree(tiny_bundle.path, tmp_path / "b")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["preprocessing"] = {"color_constancy": "none", "gamma": 2.0}
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    image = np.full((40, 40, 3), 64, np.uint8)
+    cv2.imwrite(str(tmp_path / "x.png"), image)
+    assert main(["run", str(tmp_path / "x.png"), "--out", str(tmp_path / "r.csv"), "--model", str(bundle),
+                 "--crops", str(tmp_path / "crops"), "-q"]) == 0
+    crop = cv2.imread(str(tmp_path / "crops" / "x_crop.png"))
+    assert abs(int(crop.mean()) - round(255 * (64 / 255) ** 0.5)) <= 1

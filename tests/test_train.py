@@ -78,3 +78,36 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
     reference = (tmp_path / "a" / "logs" / "cls_fold1.csv").read_text().splitlines()
     untimed = [line.split(",")[:-2] for line in logs]  # the last two columns are seconds and images/s
     assert untimed == [line.split(",")[:-2] for line in reference]
+
+
+def test_official_isic_layout_trains_both_and_crops_with_the_trained_segmenter(tmp_path):
+    import pandas as pd
+
+    real_images(ISIC_SEG, 1), real_images(HAM, 1)
+    data = tmp_path / "data"
+    for name in ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth",
+                 "ISIC2018_Task3_Training_Input", "ISIC2018_Task3_Training_GroundTruth"):
+        (data / name).mkdir(parents=True)
+    for image in real_images(ISIC_SEG, 16):
+        (data / "ISIC2018_Task1-2_Training_Input" / image.name).symlink_to(image)
+        mask = f"{image.stem}_segmentation.png"
+        (data / "ISIC2018_Task1_Training_GroundTruth" / mask).symlink_to(ISIC_SEG / "masks" / mask)
+    labels = pd.read_csv(HAM / "labels.csv")
+    labels = labels.groupby("label").head(4)  # a few of every class
+    for image_id in labels["image_id"]:
+        (data / "ISIC2018_Task3_Training_Input" / f"{image_id}.jpg").symlink_to(HAM / "images" / f"{image_id}.jpg")
+    columns = ["image_id", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    onehot = labels[columns].rename(columns={"image_id": "image"})
+    onehot.to_csv(data / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv",
+                  index=False)
+    labels[["image_id", "lesion_id"]].rename(columns={"image_id": "image"}).to_csv(
+        data / "ISIC2018_Task3_Training_LesionGroupings.csv", index=False)
+    out, cache = tmp_path / "bundle", tmp_path / "cache"
+    assert _train("--data", data, "--out", out, "--cache", cache, "--encoder", "mobilenetv3_small_050",
+                  "--pretrained", "none") == 0
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["segmentation"]["encoder"] == "tu-mobilenetv3_small_050"
+    assert manifest["classification"]["folds"] == [0, 1]
+    predicted = list(cache.glob("predicted-masks-*/*.png"))
+    assert len(predicted) == len(labels)  # every Task 3 image was cropped with a predicted mask
+    assert json.loads((out / "splits.json").read_text())["classification"]["grouped_by"] == "lesion_id"

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dermbatch.bundle import CropSpec, ModelSpec
+from dermbatch.bundle import CropSpec, ModelSpec, PreprocessSpec
 from dermbatch.imageio import decode_image
-from dermbatch.preprocess import lesion_crop, normalize, resize_rgb
+from dermbatch.preprocess import correct_colors, lesion_crop, normalize, resize_rgb
 from trainer.augment import geometric, jitter_crop, photometric
 from trainer.data import Item
 
@@ -42,17 +42,16 @@ def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     return (mask > 127).astype(np.uint8)
 
 
-def prepare_seg(item: Item, spec: ModelSpec) -> dict[str, np.ndarray]:
-    decoded = decode_image(item.image)
-    mask = read_mask(item.mask, decoded.rgb.shape[:2])
+def prepare_seg(item: Item, spec: ModelSpec, pre: PreprocessSpec) -> dict[str, np.ndarray]:
+    rgb = correct_colors(decode_image(item.image).rgb, pre)
+    mask = read_mask(item.mask, rgb.shape[:2])
     height, width = spec.input_size
-    return {"image": resize_rgb(decoded.rgb, spec.input_size),
+    return {"image": resize_rgb(rgb, spec.input_size),
             "mask": cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)}
 
 
-def prepare_cls(item: Item, spec: ModelSpec, crop: CropSpec) -> dict[str, np.ndarray]:
-    decoded = decode_image(item.image, min_side=4 * max(spec.input_size))
-    rgb = decoded.rgb
+def prepare_cls(item: Item, spec: ModelSpec, crop: CropSpec, pre: PreprocessSpec) -> dict[str, np.ndarray]:
+    rgb = correct_colors(decode_image(item.image, min_side=4 * max(spec.input_size)).rgb, pre)
     mask = read_mask(item.mask, rgb.shape[:2]) if item.mask is not None else None
     exact, _ = lesion_crop(rgb, mask, crop)
     loose_spec = CropSpec(margin=crop.margin + LOOSE_EXTRA_MARGIN, square=crop.square, background=crop.background)
@@ -91,9 +90,10 @@ class TrainingSet(Dataset):
     """Items of one task; ``train=True`` augments with generators seeded by (seed, epoch, index)."""
 
     def __init__(self, items: list[Item], task: str, spec: ModelSpec, crop: CropSpec, cache_root: Path,
-                 train: bool, seed: int = 0):
+                 train: bool, seed: int = 0, pre: PreprocessSpec = PreprocessSpec()):
         self.items, self.task, self.spec, self.crop, self.train, self.seed = items, task, spec, crop, train, seed
-        settings = {"spec": asdict(spec) | {"folds": None, "tta": None}, "crop": asdict(crop)}
+        self.pre = pre
+        settings = {"spec": asdict(spec) | {"folds": None, "tta": None}, "crop": asdict(crop), "pre": asdict(pre)}
         self.cache = Cache(cache_root, task, settings)
         self.epoch = 0
 
@@ -103,8 +103,8 @@ class TrainingSet(Dataset):
     def arrays(self, index: int) -> dict[str, np.ndarray]:
         item = self.items[index]
         if self.task == "segmentation":
-            return self.cache.get(item, lambda i: prepare_seg(i, self.spec))
-        return self.cache.get(item, lambda i: prepare_cls(i, self.spec, self.crop))
+            return self.cache.get(item, lambda i: prepare_seg(i, self.spec, self.pre))
+        return self.cache.get(item, lambda i: prepare_cls(i, self.spec, self.crop, self.pre))
 
     def __getitem__(self, index: int):
         arrays = self.arrays(index)

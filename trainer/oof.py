@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dermbatch.bundle import CLASSES, ModelSpec
+from dermbatch.bundle import CLASSES, ModelSpec, PreprocessSpec
 from dermbatch.imageio import decode_image
 from dermbatch.postprocess import mask_from_logits
-from dermbatch.preprocess import model_input, normalize
+from dermbatch.preprocess import correct_colors, model_input, normalize
 from dermbatch.tta import classify_with_tta, segment_with_tta, softmax
 from trainer.data import Item
 from trainer.dataset import TrainingSet, read_mask
@@ -27,13 +27,14 @@ def _model_fn(model, device: str, chunk: int = 16):
     return run
 
 
-def segmentation_oof(model, spec: ModelSpec, items: list[Item], device: str, batch: int = 8) -> list[dict]:
+def segmentation_oof(model, spec: ModelSpec, items: list[Item], device: str, pre: PreprocessSpec,
+                     batch: int = 8) -> list[dict]:
     """Per-image Jaccard of the post-processed mask at the image's own size."""
     model.eval()
     rows, fn = [], _model_fn(model, device)
     for start in range(0, len(items), batch):
         group = items[start:start + batch]
-        images = [decode_image(item.image).rgb for item in group]
+        images = [correct_colors(decode_image(item.image).rgb, pre) for item in group]
         logits = segment_with_tta(fn, np.stack([model_input(rgb, spec) for rgb in images]), spec.tta)
         for item, rgb, logit in zip(group, images, logits, strict=True):
             mask = mask_from_logits(logit[0], rgb.shape[:2], spec.threshold)

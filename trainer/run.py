@@ -60,10 +60,6 @@ def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: 
     plans = []
     for name, items, description in jobs:
         chosen = subset(items, limit, fit["seed"])
-        if name == "classification" and not any(i.mask for i in chosen):
-            import logging
-            logging.getLogger(__name__).warning("classification: no masks given, training on whole images "
-                                                "(pass --masks for lesion crops like `dermbatch run` makes)")
         plans.append(TaskOptions(task=name, items=chosen, out=Path(out), cache_dir=cache, resume=resume,
                                  data_description=description + (f" (subset of {len(chosen)})" if limit else ""),
                                  fit=FitConfig(**fit), **model_options))

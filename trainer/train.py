@@ -25,6 +25,7 @@ from dermbatch.bundle import (
     IMAGENET_STD,
     CropSpec,
     ModelSpec,
+    PreprocessSpec,
     build_manifest,
     load_bundle,
     save_weights,
@@ -38,6 +39,7 @@ from trainer.data import Item
 from trainer.dataset import TrainingSet, default_cache_dir
 from trainer.fit import FitConfig, derived_seed, fit_fold
 from trainer.losses import BceDiceLoss, ClassificationLoss, class_weights
+from trainer.masks import predict_missing_masks
 from trainer.metrics import classification_metrics, segmentation_metrics
 from trainer.oof import classification_oof, read_rows, segmentation_oof, write_rows
 from trainer.pretrained import load_pretrained
@@ -59,6 +61,7 @@ class TaskOptions:
     pretrained: str = "imagenet"
     tta: str = "flip"
     crop: CropSpec = field(default_factory=CropSpec)
+    preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
     class_weights: str = "balanced-sqrt"
     focal_gamma: float = 0.0
     label_smoothing: float = 0.0
@@ -82,6 +85,7 @@ def _existing_manifest(out: Path) -> dict | None:
 
 def _update_manifest(opts: TaskOptions, spec: ModelSpec, done_folds: list[int], weights: dict, provenance: dict):
     manifest = _existing_manifest(opts.out) or build_manifest(None, None, opts.crop, {}, opts.out.name)
+    manifest["preprocessing"] = asdict(opts.preprocessing)
     prefix = "seg_" if opts.task == "segmentation" else "cls_"
     manifest["weights"] = {k: v for k, v in manifest["weights"].items() if not k.startswith(prefix)} | weights
     manifest[opts.task] = spec_to_dict(spec) | {"folds": sorted(done_folds)}
@@ -92,6 +96,14 @@ def _update_manifest(opts: TaskOptions, spec: ModelSpec, done_folds: list[int], 
 
 def train_task(opts: TaskOptions, progress=None) -> dict:
     spec = model_spec(opts)
+    if opts.task == "classification" and any(i.mask is None for i in opts.items):
+        if (opts.out / "bundle.json").exists() and load_bundle(opts.out).segmentation is not None:
+            opts.items = predict_missing_masks(opts.out, opts.items, opts.cache_dir or default_cache_dir(),
+                                               opts.fit.device)
+        else:
+            log.warning("classification: no masks and no segmentation model in %s: training on whole images, "
+                        "unlike `dermbatch run`, which crops to the lesion; train --task seg first or pass --masks",
+                        opts.out)
     labels = [i.label for i in opts.items] if opts.task == "classification" else None
     groups = [i.group or i.image_id for i in opts.items]
     fold_of = load_or_make(opts.out, opts.task, [i.image_id for i in opts.items], opts.folds, opts.fit.seed,
@@ -102,6 +114,10 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
     if section and not same_model:
         raise UsageError(f"{opts.out} already has a {opts.task} model with another encoder or input size; "
                          "use a new --out")
+    if previous and PreprocessSpec(**previous.get("preprocessing", {})) != opts.preprocessing:
+        raise UsageError(f"{opts.out} was trained with preprocessing {previous.get('preprocessing')}; "
+                         "both models of a bundle share it: pass the same --color-constancy/--gamma, "
+                         "or use a new --out")
     if section and not opts.resume:
         raise UsageError(f"{opts.out} already has a {opts.task} model; pass --resume to continue it or use a new --out")
     done = list(section.get("folds", [])) if opts.resume else []
@@ -123,8 +139,8 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         torch.manual_seed(derived_seed(opts.fit.seed, fold, 0, 3))
         model = build_model(spec, num_classes=len(CLASSES))
         load_pretrained(model, opts.task, spec.encoder, opts.pretrained)
-        train_set = TrainingSet(train_items, opts.task, spec, opts.crop, cache, train=True, seed=opts.fit.seed)
-        val_set = TrainingSet(val_items, opts.task, spec, opts.crop, cache, train=False, seed=opts.fit.seed)
+        train_set = TrainingSet(train_items, opts.task, spec, opts.crop, cache, True, opts.fit.seed, opts.preprocessing)
+        val_set = TrainingSet(val_items, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
         if opts.task == "segmentation":
             loss = BceDiceLoss()
         else:
@@ -136,7 +152,7 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         model.load_state_dict(outcome.best_state)
         model.to(opts.fit.device)
         if opts.task == "segmentation":
-            rows = segmentation_oof(model, spec, val_items, opts.fit.device)
+            rows = segmentation_oof(model, spec, val_items, opts.fit.device, opts.preprocessing)
         else:
             rows = classification_oof(model, spec, val_set, opts.fit.device)
         write_rows(opts.out / "oof" / f"{prefix}_fold{fold}.csv", rows, fold)

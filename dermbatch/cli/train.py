@@ -38,6 +38,8 @@ def train_command(
     label_smoothing: float = typer.Option(0.0, help="Label smoothing (cls)."),
     balanced_sampling: bool = typer.Option(False, "--balanced-sampling", help="Class-balanced sampling (cls)."),
     tta: str = typer.Option("flip", help="Default TTA stored in the bundle: none | flip | d4."),
+    color_constancy: str = typer.Option("none", help="none | shades_of_gray: stored in the bundle, applied by run."),
+    gamma: float = typer.Option(1.0, help="Gamma correction stored in the bundle and applied by run (1: off)."),
     limit: int | None = typer.Option(None, help="Use a seeded random subset of N images (quick runs)."),
     seed: int = typer.Option(0),
     workers: int = typer.Option(2, min=0, help="Data-loading worker processes."),
@@ -48,9 +50,15 @@ def train_command(
 ) -> int:
     """Train k-fold segmentation and/or classification models into a bundle that `dermbatch run` reads."""
     from dermbatch.backends.torch_backend import resolve_device
+    from dermbatch.bundle import PreprocessSpec
+    from dermbatch.manifest import COLOR_CONSTANCY
     from trainer.run import plan_tasks
 
     setup_logging(quiet)
+    if color_constancy not in COLOR_CONSTANCY:
+        raise UsageError(f"--color-constancy {color_constancy!r}: choose {', '.join(COLOR_CONSTANCY)}")
+    if not 0.2 <= gamma <= 5:
+        raise UsageError("--gamma must be in 0.2..5")
     if task not in TASKS:
         raise UsageError(f"--task {task!r}: choose seg, cls or both")
     fit = dict(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, backbone_lr_mult=backbone_lr_mult,
@@ -59,7 +67,8 @@ def train_command(
     plans = plan_tasks(TASKS[task], out=out, data=data, images=images, masks=masks, labels=labels, folds=folds,
                        input_size=input_size, encoder=encoder, pretrained=pretrained, tta=tta,
                        class_weights=class_weights, focal_gamma=focal_gamma, label_smoothing=label_smoothing,
-                       limit=limit, cache=cache, resume=resume, fit=fit)
+                       limit=limit, cache=cache, resume=resume, fit=fit,
+                       preprocessing=PreprocessSpec(color_constancy=color_constancy, gamma=gamma))
     from trainer.train import train_task
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
