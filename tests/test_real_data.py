@@ -1,54 +1,16 @@
-"""``dermbatch run`` on real dermoscopic images from ../shared/data, scored by the official ISIC scorer.
+"""The Python API on real dermoscopic images from ../shared/data (randomly initialised bundle).
 
-The bundle is randomly initialised, so the scores themselves are meaningless here; what is tested is that
-real JPEGs go through every stage and that the official scorer accepts our CSV and masks unchanged.
+That the official scorer accepts our CSV and masks unchanged, with equal numbers, is in test_evaluate.py.
 """
 
-import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from dermbatch.bundle import CLASSES
-from dermbatch.cli.main import main
 from dermbatch.predictor import Predictor
-from tests.conftest import HAM, ISIC_SEG, real_images
+from tests.conftest import HAM, real_images
 
 pytestmark = pytest.mark.realdata
-
-
-def test_official_segmentation_scorer_accepts_our_masks(tiny_bundle, tmp_path):
-    from isic_challenge_scoring.segmentation import SegmentationScore
-
-    images = real_images(ISIC_SEG, 6)
-    (tmp_path / "in").mkdir(), (tmp_path / "truth").mkdir()
-    for image in images:
-        (tmp_path / "in" / image.name).symlink_to(image)
-        shutil.copy(ISIC_SEG / "masks" / f"{image.stem}_segmentation.png", tmp_path / "truth")
-    code = main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.csv"), "--model", str(tiny_bundle.path),
-                 "--masks", str(tmp_path / "pred"), "-q"])
-    assert code == 0
-    score = SegmentationScore.from_dir(tmp_path / "truth", tmp_path / "pred")
-    assert 0.0 <= score.macro_average["jaccard"] <= 1.0
-    assert len(list((tmp_path / "pred").iterdir())) == 6
-
-
-def test_official_classification_scorer_accepts_our_csv(tiny_bundle, tmp_path):
-    from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
-
-    real_images(HAM, 1)  # skips without the data
-    labels = pd.read_csv(HAM / "labels.csv").set_index("image_id")
-    # two images of every class: the scorer's per-class metrics need positives of each
-    images = [HAM / "images" / f"{i}.jpg" for c in CLASSES for i in labels.index[labels["label"] == c][:2]]
-    truth = labels.loc[[p.stem for p in images], list(CLASSES)].rename_axis("image")
-    truth.to_csv(tmp_path / "truth.csv")
-    code = main(["run", *map(str, images), "--out", str(tmp_path / "r.csv"), "--model", str(tiny_bundle.path),
-                 "--tta", "d4", "-q"])
-    assert code == 0
-    score = ClassificationScore.from_file(tmp_path / "truth.csv", tmp_path / "r.csv",
-                                          ClassificationMetric.BALANCED_ACCURACY)
-    assert 0.0 <= score.overall <= 1.0
 
 
 def test_predictor_api_on_real_images_streams_results_in_order(tiny_bundle):
