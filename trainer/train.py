@@ -94,6 +94,19 @@ def _update_manifest(opts: TaskOptions, spec: ModelSpec, done_folds: list[int], 
     write_manifest(opts.out, manifest)
 
 
+def _check_compatible(opts: TaskOptions, spec: ModelSpec, previous: dict | None, section: dict) -> None:
+    """Refuse to mix this training into a bundle made with other settings."""
+    if section and (section.get("encoder") != spec.encoder or section.get("input_size") != list(spec.input_size)):
+        raise UsageError(f"{opts.out} already has a {opts.task} model with another encoder or input size; "
+                         "use a new --out")
+    if previous and PreprocessSpec(**previous.get("preprocessing", {})) != opts.preprocessing:
+        raise UsageError(f"{opts.out} was trained with preprocessing {previous.get('preprocessing')}; "
+                         "both models of a bundle share it: pass the same --color-constancy/--gamma, "
+                         "or use a new --out")
+    if section and not opts.resume:
+        raise UsageError(f"{opts.out} already has a {opts.task} model; pass --resume to continue it or use a new --out")
+
+
 def train_task(opts: TaskOptions, progress=None) -> dict:
     spec = model_spec(opts)
     if opts.task == "classification" and any(i.mask is None for i in opts.items):
@@ -110,16 +123,7 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
                            labels, groups if any(i.group for i in opts.items) else None)
     previous = _existing_manifest(opts.out)
     section = (previous or {}).get(opts.task) or {}
-    same_model = section.get("encoder") == spec.encoder and section.get("input_size") == list(spec.input_size)
-    if section and not same_model:
-        raise UsageError(f"{opts.out} already has a {opts.task} model with another encoder or input size; "
-                         "use a new --out")
-    if previous and PreprocessSpec(**previous.get("preprocessing", {})) != opts.preprocessing:
-        raise UsageError(f"{opts.out} was trained with preprocessing {previous.get('preprocessing')}; "
-                         "both models of a bundle share it: pass the same --color-constancy/--gamma, "
-                         "or use a new --out")
-    if section and not opts.resume:
-        raise UsageError(f"{opts.out} already has a {opts.task} model; pass --resume to continue it or use a new --out")
+    _check_compatible(opts, spec, previous, section)
     done = list(section.get("folds", [])) if opts.resume else []
     prefix = "seg" if opts.task == "segmentation" else "cls"
     weights = {name: digest for name, digest in (previous or {}).get("weights", {}).items()
@@ -146,8 +150,8 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         else:
             weights_c = class_weights([i.label for i in train_items], len(CLASSES), opts.class_weights)
             loss = ClassificationLoss(weights_c, opts.label_smoothing, opts.focal_gamma)
-        outcome = fit_fold(model, spec, train_set, val_set, loss, opts.fit, fold,
-                           opts.out / "checkpoints" / f"{prefix}_fold{fold}.pt",
+        checkpoint = opts.out / "checkpoints" / f"{prefix}_fold{fold}.pt"
+        outcome = fit_fold(model, spec, train_set, val_set, loss, opts.fit, fold, checkpoint,
                            opts.out / "logs" / f"{prefix}_fold{fold}.csv", opts.resume, progress)
         model.load_state_dict(outcome.best_state)
         model.to(opts.fit.device)
@@ -160,6 +164,7 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         weights[name] = digest
         done.append(fold)
         _update_manifest(opts, spec, done, weights, provenance)
+        checkpoint.unlink(missing_ok=True)  # the fold is in the bundle now; resuming skips it
         log.info("%s fold %d: best epoch %d, validation score %.4f; saved %s", opts.task, fold,
                  outcome.best_epoch, outcome.best_score, name)
     metrics = oof_metrics(opts.out, opts.task, opts.folds)
