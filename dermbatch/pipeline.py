@@ -40,6 +40,7 @@ class RunOptions:
     model: str | None = None
     backend: str = "auto"
     device: str = "auto"
+    precision: str | None = None
     tta: str | None = None
     folds: str = "all"
     batch_size: int = 8
@@ -119,7 +120,8 @@ def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
         if summary.skipped:
             log.info("resume: %d of %d images already in %s", summary.skipped, len(items), options.out)
         with Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
-                       folds=options.folds, batch_size=options.batch_size, workers=options.workers) as predictor:
+                       folds=options.folds, batch_size=options.batch_size, workers=options.workers,
+                       precision=options.precision) as predictor:
             writer = OutputWriter(CsvAppender(options.out, RESULT_COLUMNS, keep_results),
                                   CsvAppender(options.details, DETAIL_COLUMNS, keep_details),
                                   masks=options.masks, annotate=options.annotate, crops=options.crops)

@@ -97,7 +97,8 @@ def parse_folds(folds: str | Iterable[int] | None, bundle: Bundle) -> dict[str, 
 class Predictor:
     def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "auto",
                  tta: str | None = None, folds: str | Iterable[int] | None = "all", batch_size: int = 8,
-                 workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True):
+                 workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True,
+                 precision: str | None = None):
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if workers < 0:
@@ -116,7 +117,7 @@ class Predictor:
         # JPEGs are decoded at reduced scale only while the shorter side keeps 4x the classifier's input,
         # so a lesion covering a quarter of the image still reaches the classifier at full resolution.
         self.min_side = 4 * max(self.cls_spec.input_size) if reduced_decode else None
-        self.backend = create_backend(backend, self.bundle, device, self.folds)
+        self.backend = create_backend(backend, self.bundle, device, self.folds, precision=precision)
         self.seconds: dict[str, float] = defaultdict(float)
         log.info("bundle %s: folds seg %s, cls %s; TTA seg %s (%d views), cls %s (%d views)", self.bundle.name,
                  self.folds["segmentation"], self.folds["classification"], self.tta["segmentation"],

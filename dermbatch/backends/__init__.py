@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 # name -> "module:ClassName", imported only when chosen
 BACKENDS: dict[str, str] = {
     "torch": "dermbatch.backends.torch_backend:TorchBackend",
+    "onnxruntime": "engines.ort_backend:OrtBackend",
+    "tensorrt": "engines.trt_backend:TrtBackend",
 }
 
 
@@ -41,22 +43,43 @@ def backend_names() -> list[str]:
     return ["auto", *BACKENDS]
 
 
-def resolve_backend_name(name: str) -> str:
-    """``auto`` -> the best available backend; log the decision."""
-    if name == "auto":
-        log.info("backend: torch (auto; no compiled engine backend in this build)")
-        return "torch"
-    if name not in BACKENDS:
+def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = "auto") -> str:
+    """``auto`` -> the best engine built for this bundle and device, else torch; the decision is logged.
+
+    An explicitly named backend is never swapped for another: if it cannot run, that is an error.
+    """
+    if name not in ("auto", *BACKENDS):
         raise UsageError(f"unknown backend {name!r}; available: {', '.join(backend_names())}")
-    return name
+    if name != "auto":
+        return name
+    if bundle is None:
+        return "torch"
+    try:
+        from engines.store import find_engine
+        from engines.tensorrt_common import current_device, device_tag, tensorrt_available
+    except ImportError as exc:  # a core-only install
+        log.info("backend: torch (auto; engines package unavailable: %s)", exc)
+        return "torch"
+    trt_ok, reason = tensorrt_available()
+    if trt_ok and device != "cpu" and find_engine(bundle, "tensorrt", None, device_tag(current_device())):
+        log.info("backend: tensorrt (auto; a plan for this GPU and TensorRT is built)")
+        return "tensorrt"
+    if device.startswith("cuda") or (device == "auto" and trt_ok):
+        log.info("backend: torch on CUDA (auto; no TensorRT plan for this GPU%s)", f": {reason}" if reason else "")
+        return "torch"
+    if find_engine(bundle, "onnxruntime"):
+        log.info("backend: onnxruntime (auto; an ONNX Runtime engine is built for this bundle)")
+        return "onnxruntime"
+    log.info("backend: torch (auto; no engine built: `dermbatch build-engine` makes one)")
+    return "torch"
 
 
 def create_backend(name: str, bundle: Bundle, device: str, folds: dict[str, tuple[int, ...]],
                    **options) -> Backend:
-    name = resolve_backend_name(name)
+    name = resolve_backend_name(name, bundle, device)
     module_name, _, attr = BACKENDS[name].partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
         raise BackendError(f"backend {name!r} cannot be loaded: {exc}") from None
-    return cls(bundle, device=device, folds=folds, **options)
+    return cls(bundle, device=device, folds=folds, **{k: v for k, v in options.items() if v is not None})

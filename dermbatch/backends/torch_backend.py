@@ -37,10 +37,15 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
-                 max_batch: int | None = None, fp16: bool | None = None):
+                 max_batch: int | None = None, precision: str | None = None):
         self.torch_device = resolve_device(device)
         self.device = str(self.torch_device)
-        self.fp16 = self.torch_device.type == "cuda" if fp16 is None else fp16
+        if precision not in (None, "fp32", "fp16"):
+            raise BackendError(f"--precision {precision}: the torch backend runs fp32, or fp16 autocast on CUDA; "
+                               "int8 needs an engine: dermbatch build-engine --target onnxruntime --precision int8")
+        if precision == "fp16" and self.torch_device.type != "cuda":
+            raise BackendError("--precision fp16 with the torch backend needs a CUDA device")
+        self.fp16 = self.torch_device.type == "cuda" if precision is None else precision == "fp16"
         # On CPU these CNNs run fastest at ~4 images per call and slow down past 8 (cache-bound):
         # EfficientNet-Lite0 U-Net 256px, channels_last, 2 cores: 19-21 img/s at 4, 15-17 at 16.
         self.max_batch = max_batch or (64 if self.torch_device.type == "cuda" else 4)

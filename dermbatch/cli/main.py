@@ -27,10 +27,11 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False, rich_tracebacks=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("dermbatch")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    for name in ("dermbatch", "trainer", "engines"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def _version(value: bool) -> None:
@@ -46,7 +47,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register_commands() -> None:
-    from dermbatch.cli import run, train  # noqa: F401  (each module registers its commands)
+    from dermbatch.cli import engine, run, train  # noqa: F401  (each module registers its commands)
 
 
 def main(argv: list[str] | None = None) -> int:

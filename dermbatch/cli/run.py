@@ -19,6 +19,7 @@ def run_command(
     model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder [default: installed bundle]."),
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt (those installed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | int8: which engine (or torch autocast) to use."),
     tta: str | None = typer.Option(None, help="none | flip (4 views) | d4 (8 views) [default: the bundle's]."),
     folds: str = typer.Option("all", help="'all' or fold numbers, e.g. 0,2."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward batch."),
@@ -40,11 +41,14 @@ def run_command(
     setup_logging(quiet, verbose)
     if backend not in backend_names():
         raise UsageError(f"--backend {backend!r}: available here: {', '.join(backend_names())}")
+    if precision not in ("auto", "fp32", "fp16", "int8"):
+        raise UsageError(f"--precision {precision!r}: choose auto, fp32, fp16 or int8")
     if tta is not None and tta not in ("none", "flip", "d4"):
         raise UsageError(f"--tta {tta!r}: choose none, flip or d4")
     options = RunOptions(inputs=[str(p) for p in inputs], out=out, model=str(model) if model else None,
-                         backend=backend, device=device, tta=tta, folds=folds, batch_size=batch_size,
-                         workers=workers, masks=masks, annotate=annotate, crops=crops, details=details,
+                         backend=backend, device=device, precision=None if precision == "auto" else precision,
+                         tta=tta, folds=folds, batch_size=batch_size, workers=workers, masks=masks,
+                         annotate=annotate, crops=crops, details=details,
                          resume=resume, overwrite=overwrite, recursive=recursive)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),

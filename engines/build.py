@@ -1,0 +1,138 @@
+"""``dermbatch build-engine``: export, compile and check engines for a bundle, stored beside it.
+
+One linear function per target: ONNX Runtime (fp32 graph; int8 quantised from it) and TensorRT (FP16 plan).
+Each engine is checked against its reference on real images at build time and the agreement is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dermbatch.bundle import Bundle, load_bundle, sha256_file
+from dermbatch.errors import BackendError, UsageError
+from dermbatch.tta import softmax
+from engines.calibration import calibration_inputs
+from engines.onnx_export import INPUT, compare, export_module, load_stacked
+from engines.store import engine_key, find_engine, fingerprint, writable_root, write_info
+
+log = logging.getLogger(__name__)
+TASKS = ("segmentation", "classification")
+
+
+def resolve_target(target: str, precision: str | None) -> tuple[str, str]:
+    """``auto``: TensorRT FP16 when TensorRT and a CUDA GPU are here, else ONNX Runtime fp32 (logged)."""
+    if target == "auto":
+        from engines.tensorrt_common import tensorrt_available
+
+        available, reason = tensorrt_available()
+        target = "tensorrt" if available else "onnxruntime"
+        log.info("build-engine: target %s (%s)", target, "TensorRT and a CUDA GPU found" if available else reason)
+    if target not in ("onnxruntime", "tensorrt"):
+        raise UsageError(f"--target {target!r}: choose auto, onnxruntime or tensorrt")
+    precision = precision or ("fp16" if target == "tensorrt" else "fp32")
+    allowed = {"onnxruntime": ("fp32", "int8"), "tensorrt": ("fp16", "fp32")}[target]
+    if precision not in allowed:
+        raise UsageError(f"--precision {precision} is not built for {target}; choose {', '.join(allowed)}")
+    return target, precision
+
+
+def _info(bundle: Bundle, target: str, precision: str, folder: Path, agreement: dict, extra: dict | None = None):
+    import onnxruntime
+    import torch
+
+    tasks = {}
+    for task in TASKS:
+        spec = bundle.spec(task)
+        file = next(p.name for p in folder.iterdir() if p.stem == task and p.suffix in (".onnx", ".plan"))
+        tasks[task] = {"file": file, "sha256": sha256_file(folder / file), "folds": list(spec.folds),
+                       "input_size": list(spec.input_size), "layout": "stacked-folds"}
+    return {"target": target, "precision": precision, "bundle": bundle.name,
+            "weights_fingerprint": fingerprint(bundle), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
+            "tasks": tasks, "agreement": agreement, **(extra or {})}
+
+
+def build_onnxruntime_fp32(bundle: Bundle, calibration: dict[str, np.ndarray]) -> Path:
+    folder = writable_root(bundle) / engine_key("onnxruntime", "fp32")
+    agreement = {}
+    for task in TASKS:
+        spec = bundle.spec(task)
+        module = load_stacked(bundle, task, spec.folds)
+        path = export_module(module, spec.input_size, folder / f"{task}.onnx")
+        agreement[task] = compare(path, module, calibration[task][:16], task)
+        log.info("onnxruntime fp32 %s: %d folds, max |logit diff| vs torch %.2e", task, len(spec.folds),
+                 agreement[task]["max_abs_diff"])
+    write_info(folder, _info(bundle, "onnxruntime", "fp32", folder, agreement))
+    return folder
+
+
+def build_onnxruntime_int8(bundle: Bundle, calibration: dict[str, np.ndarray], min_agreement: float) -> Path:
+    import onnxruntime as ort
+
+    from engines.quantize import quantize_int8
+
+    fp32 = find_engine(bundle, "onnxruntime", "fp32")
+    fp32_folder = fp32[0] if fp32 else build_onnxruntime_fp32(bundle, calibration)
+    folder = writable_root(bundle) / engine_key("onnxruntime", "int8")
+    folder.mkdir(parents=True, exist_ok=True)
+    agreement = {}
+    for task in TASKS:
+        path = quantize_int8(fp32_folder / f"{task}.onnx", folder / f"{task}.onnx", calibration[task])
+        sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                    for p in (fp32_folder / f"{task}.onnx", path)]
+        outputs = [s.run(None, {INPUT: calibration[task]})[0] for s in sessions]
+        agreement[task] = _agreement(task, *outputs)
+        log.info("onnxruntime int8 %s vs fp32: %s", task, agreement[task])
+    worst = min(agreement["segmentation"]["mean_mask_iou"], agreement["classification"]["top1_agreement"])
+    if worst < min_agreement:
+        shutil.rmtree(folder)
+        raise BackendError(f"int8 engine disagrees with fp32 too much ({worst:.3f} < --min-agreement "
+                           f"{min_agreement}); not kept. Use the fp32 engine, or more/other --calibration images")
+    write_info(folder, _info(bundle, "onnxruntime", "int8", folder, agreement,
+                             {"calibration_images": int(len(calibration["segmentation"]))}))
+    return folder
+
+
+def _agreement(task: str, reference: np.ndarray, other: np.ndarray) -> dict:
+    """Fold-averaged outputs compared the way the pipeline uses them."""
+    result = {"max_abs_diff": float(np.abs(reference - other).max())}
+    ref, oth = reference.mean(0), other.mean(0)
+    if task == "classification":
+        result["top1_agreement"] = float((ref.argmax(-1) == oth.argmax(-1)).mean())
+        result["max_prob_diff"] = float(np.abs(softmax(ref) - softmax(oth)).max())
+    else:
+        a, b = ref > 0, oth > 0
+        union = np.logical_or(a, b).sum(axis=(1, 2, 3))
+        iou = np.where(union > 0, np.logical_and(a, b).sum(axis=(1, 2, 3)) / np.maximum(union, 1), 1.0)
+        result["mean_mask_iou"] = float(iou.mean())
+    return result
+
+
+def build_engine(model: str | None, target: str = "auto", precision: str | None = None,
+                 batch: tuple[int, int, int] = (1, 8, 32), calibration: Path | None = None,
+                 min_agreement: float = 0.95, device: str = "auto") -> Path:
+    bundle = load_bundle(model)
+    target, precision = resolve_target(target, precision)
+    if precision == "int8" and calibration is None:
+        raise UsageError("--precision int8 needs --calibration DIR: real images representative of your data")
+    images = calibration or _sample_images()
+    data = calibration_inputs(bundle.path, images, limit=64 if precision == "int8" else 16)
+    if target == "onnxruntime":
+        if precision == "int8":
+            return build_onnxruntime_int8(bundle, data, min_agreement)
+        return build_onnxruntime_fp32(bundle, data)
+    from engines.tensorrt_build import build_tensorrt
+
+    return build_tensorrt(bundle, precision, batch, data, device)
+
+
+def _sample_images() -> Path:
+    folder = Path(__file__).resolve().parents[1] / "sample_images"
+    if not folder.is_dir():
+        raise UsageError("pass --calibration DIR with a few real images to check the engine against")
+    return folder

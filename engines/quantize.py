@@ -1,0 +1,36 @@
+"""Static INT8 quantisation for ONNX Runtime on CPU: QDQ format, per-channel weights, calibrated on real images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from engines.onnx_export import INPUT
+
+log = logging.getLogger(__name__)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a preprocessed array, a few images per step."""
+
+    def __init__(self, data: np.ndarray, batch: int = 4):
+        self.batches = iter([{INPUT: data[i:i + batch]} for i in range(0, len(data), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out_path.with_name(out_path.stem + ".pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(out_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    prepared.unlink(missing_ok=True)
+    log.info("int8: quantised %s with %d calibration images", out_path.name, len(calibration))
+    return out_path

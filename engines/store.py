@@ -1,0 +1,79 @@
+"""Where compiled engines live and how they are matched to a bundle.
+
+``<bundle>/engines/<key>/`` (or, for a read-only bundle such as the installed default, the per-user cache
+``~/.cache/dermbatch/engines/<bundle fingerprint>/<key>/``), one folder per target and precision (TensorRT
+keys also name the GPU and TensorRT version), so several coexist. ``engine.json`` records the fingerprint
+of the bundle weights the engine was built from; an engine built from other weights is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from dermbatch.bundle import Bundle
+from dermbatch.errors import BackendError
+
+ENGINE_FILE = "engine.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def fingerprint(bundle: Bundle) -> str:
+    """sha256 over the bundle's weight hashes: changes whenever any weight file changes."""
+    return hashlib.sha256(json.dumps(bundle.hashes(), sort_keys=True).encode()).hexdigest()
+
+
+def engine_key(target: str, precision: str, device_tag: str | None = None) -> str:
+    key = f"{target}-{precision}" + (f"-{device_tag}" if device_tag else "")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+
+
+def engine_roots(bundle: Bundle) -> list[Path]:
+    cache = Path(os.environ.get("DERMBATCH_CACHE", Path.home() / ".cache" / "dermbatch"))
+    return [bundle.path / "engines", cache / "engines" / fingerprint(bundle)[:16]]
+
+
+def writable_root(bundle: Bundle) -> Path:
+    """The bundle's own engines folder when it can be written, else the per-user cache."""
+    own, cache = engine_roots(bundle)
+    if os.access(bundle.path, os.W_OK):
+        return own
+    return cache
+
+
+def find_engine(bundle: Bundle, target: str, precision: str | None = None, device_tag: str | None = None):
+    """(folder, engine.json) of a matching engine, preferring int8, then fp16, then fp32; None when absent."""
+    for wanted in ([precision] if precision else ["int8", "fp16", "fp32"]):
+        for root in engine_roots(bundle):
+            folder = root / engine_key(target, wanted, device_tag)
+            info = read_info(folder)
+            if info is None:
+                continue
+            if info.get("weights_fingerprint") != fingerprint(bundle):
+                raise BackendError(f"{folder}: engine was built from other weights than {bundle.path}; rebuild it: "
+                                   f"dermbatch build-engine --model {bundle.path} --target {target} "
+                                   f"--precision {wanted}")
+            return folder, info
+    return None
+
+
+def read_info(folder: Path) -> dict | None:
+    path = folder / ENGINE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BackendError(f"{path}: unreadable engine description ({exc})") from None
+
+
+def write_info(folder: Path, info: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (ENGINE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(folder / ENGINE_FILE)
+    return folder / ENGINE_FILE
+

@@ -1,0 +1,123 @@
+"""TensorRT backend: plans checked against this GPU and TensorRT before deserialising, tensors bound by name.
+
+``TrtRunner`` follows Polygraphy's runner: ``set_input_shape``, ``set_tensor_address`` and
+``execute_async_v3`` on torch CUDA tensors, every return value checked, lifetime in a context manager.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from dermbatch.bundle import Bundle
+from dermbatch.errors import BackendError
+from engines.store import find_engine
+from engines.tensorrt_common import check_sidecar, current_device, device_tag, require_tensorrt
+
+log = logging.getLogger(__name__)
+
+
+class TrtRunner:
+    def __init__(self, plan: Path):
+        import tensorrt as trt
+        import torch
+
+        self.plan = plan
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"{plan}: TensorRT could not deserialise the plan")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"{plan}: could not create an execution context (GPU memory?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BackendError(f"{plan}: expected one input and one output tensor, found {inputs} -> {outputs}")
+        self.input, self.output = inputs[0], outputs[0]
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input)]
+        self.output_dtype = dtypes[self.engine.get_tensor_dtype(self.output)]
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, x):
+        import torch
+
+        x = x.to(self.input_dtype).contiguous()
+        if not self.context.set_input_shape(self.input, tuple(x.shape)):
+            raise BackendError(f"{self.plan}: input shape {tuple(x.shape)} is outside the plan's profile")
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.output_dtype,
+                          device=x.device)
+        if not self.context.set_tensor_address(self.input, x.data_ptr()):
+            raise BackendError(f"{self.plan}: could not bind {self.input}")
+        if not self.context.set_tensor_address(self.output, out.data_ptr()):
+            raise BackendError(f"{self.plan}: could not bind {self.output}")
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise BackendError(f"{self.plan}: execution failed")
+        self.stream.synchronize()
+        return out
+
+    def __enter__(self) -> TrtRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.context = self.engine = self.runtime = None
+
+
+class TrtBackend:
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
+                 precision: str | None = None):
+        import torch
+
+        require_tensorrt("--backend tensorrt")
+        dev = current_device()
+        found = find_engine(bundle, "tensorrt", precision, device_tag(dev))
+        if found is None:
+            raise BackendError(f"{bundle.path}: no TensorRT plan for {dev['gpu']} with TensorRT {dev['tensorrt']}; "
+                               f"build it: dermbatch build-engine --model {bundle.path} --target tensorrt")
+        self.folder, self.info = found
+        self.precision, self.device = self.info["precision"], f"cuda:{torch.cuda.current_device()}"
+        self.runners, self.select, self.max_batch = {}, {}, {}
+        for task, wanted in (folds or {}).items():
+            plan = self.folder / self.info["tasks"][task]["file"]
+            sidecar = check_sidecar(plan, dev, bundle.path, self.precision)
+            present = tuple(self.info["tasks"][task]["folds"])
+            if set(wanted) - set(present):
+                raise BackendError(f"{plan}: holds {task} folds {present}, not {sorted(set(wanted) - set(present))}")
+            self.select[task] = None if tuple(wanted) == present else [present.index(f) for f in wanted]
+            self.max_batch[task] = int(sidecar["profile"]["max"])
+            self.runners[task] = TrtRunner(plan)
+        log.info("tensorrt %s plans %s on %s", self.precision, self.folder, dev["gpu"])
+
+    def _run(self, task: str, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        xt = torch.from_numpy(np.ascontiguousarray(x)).cuda(non_blocking=True)
+        step = self.max_batch[task]
+        out = torch.cat([self.runners[task](xt[i:i + step]) for i in range(0, len(xt), step)], dim=1)
+        out = out.float().cpu().numpy()
+        return out if self.select[task] is None else out[self.select[task]]
+
+    def segment(self, x: np.ndarray) -> np.ndarray:
+        return self._run("segmentation", x)
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        return self._run("classification", x)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device, "precision": self.precision, "engine": str(self.folder)}
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
+        self.runners.clear()

@@ -1,0 +1,123 @@
+"""ONNX export and the ONNX Runtime backend against torch; TensorRT's surroundings (no TensorRT here)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from dermbatch.cli.main import main
+from dermbatch.errors import BackendError
+from tests.conftest import HAM, real_images
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(tiny_bundle, tmp_path_factory):
+    root = shutil.copytree(tiny_bundle.path, tmp_path_factory.mktemp("eb") / "bundle")
+    images = tmp_path_factory.mktemp("calib")
+    from tests.conftest import synthetic_lesion
+
+    for i in range(6):
+        synthetic_lesion(images / f"c{i}.jpg", seed=10 + i)
+    assert main(["build-engine", "--model", str(root), "--target", "onnxruntime", "--calibration", str(images)]) == 0
+    return root
+
+
+def test_engine_is_stored_with_its_provenance(engine_bundle):
+    import onnx
+
+    folder = engine_bundle / "engines" / "onnxruntime-fp32"
+    info = json.loads((folder / "engine.json").read_text())
+    assert info["tasks"]["segmentation"]["folds"] == [0, 1] and info["precision"] == "fp32"
+    graph = onnx.load(str(folder / "segmentation.onnx")).graph
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["logits"]
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch axis only
+    assert all(d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:])
+    for task in ("segmentation", "classification"):
+        assert info["agreement"][task]["max_abs_diff"] < 1e-3
+
+
+def test_onnxruntime_run_reproduces_torch(engine_bundle, tmp_path):
+    images = real_images(HAM, 12)
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend / "r.csv"
+        assert main(["run", *map(str, images), "--out", str(out), "--model", str(engine_bundle), "--backend",
+                     backend, "--masks", str(tmp_path / backend / "masks"), "-q"]) == 0
+        outs[backend] = out
+    manifest = json.loads(outs["onnxruntime"].with_name("r_manifest.json").read_text())
+    assert manifest["runtime"]["backend"] == "onnxruntime"
+    rows = {b: {line.split(",")[0]: np.array(line.split(",")[1:], float)
+                for line in p.read_text().splitlines()[1:]} for b, p in outs.items()}
+    for image_id, probs in rows["torch"].items():
+        np.testing.assert_allclose(rows["onnxruntime"][image_id], probs, atol=1e-3)
+        assert rows["onnxruntime"][image_id].argmax() == probs.argmax()
+    import cv2
+
+    for mask in (tmp_path / "torch" / "masks").iterdir():
+        a, b = cv2.imread(str(mask), 0) > 0, cv2.imread(str(tmp_path / "onnxruntime" / "masks" / mask.name), 0) > 0
+        union = np.logical_or(a, b).sum()
+        assert union == 0 or np.logical_and(a, b).sum() / union >= 0.99
+
+
+def test_auto_backend_picks_the_built_engine_and_logs_it(engine_bundle, tmp_path, caplog):
+    import logging
+
+    from dermbatch.backends import resolve_backend_name
+    from dermbatch.bundle import load_bundle
+
+    with caplog.at_level(logging.INFO, logger="dermbatch"):
+        assert resolve_backend_name("auto", load_bundle(engine_bundle), "cpu") == "onnxruntime"
+    assert "onnxruntime (auto" in caplog.text
+
+
+def test_engine_from_other_weights_is_refused(engine_bundle, tmp_path):
+    from dermbatch.bundle import load_bundle
+    from engines.ort_backend import OrtBackend
+
+    copy = shutil.copytree(engine_bundle, tmp_path / "b")
+    (copy / "engines" / "onnxruntime-fp32" / "engine.json").write_text(json.dumps(
+        json.loads((copy / "engines" / "onnxruntime-fp32" / "engine.json").read_text()) | {"weights_fingerprint": "0"}))
+    with pytest.raises(BackendError, match="built from other weights.*build-engine --model"):
+        OrtBackend(load_bundle(copy), "cpu", {"segmentation": (0, 1)})
+
+
+def test_missing_engine_names_the_build_command(tiny_bundle):
+    from engines.ort_backend import OrtBackend
+
+    with pytest.raises(BackendError, match="dermbatch build-engine --model .* --target onnxruntime"):
+        OrtBackend(tiny_bundle, "cpu", {"segmentation": (0, 1)})
+
+
+def test_tensorrt_without_tensorrt_is_one_clear_error(tiny_bundle, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    assert main(["run", str(real_images(HAM, 1)[0]), "--out", str(tmp_path / "r.csv"), "--model",
+                 str(tiny_bundle.path), "--backend", "tensorrt"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs TensorRT and an NVIDIA GPU" in err[0] and "--backend onnxruntime" in err[0]
+    assert main(["build-engine", "--model", str(tiny_bundle.path), "--target", "tensorrt"]) == 1
+    assert "TensorRT is not installed" in capsys.readouterr().err
+
+
+def test_sidecar_mismatch_is_refused_with_the_rebuild_command(tmp_path):
+    from engines.tensorrt_common import check_sidecar, device_tag, write_sidecar
+
+    plan = tmp_path / "segmentation.plan"
+    plan.write_bytes(b"plan")
+    here = {"tensorrt": "10.13.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    write_sidecar(plan, {**here, "precision": "fp16", "profile": {"max": 32}})
+    assert check_sidecar(plan, here, tmp_path, "fp16")["profile"]["max"] == 32
+    with pytest.raises(BackendError, match=r"compute_capability 9.0, this machine has 8.9.*build-engine --model"):
+        check_sidecar(plan, {**here, "compute_capability": "8.9", "gpu": "NVIDIA L4"}, tmp_path, "fp16")
+    with pytest.raises(BackendError, match="tensorrt 10.13.0, this machine has 11.0.0"):
+        check_sidecar(plan, {**here, "tensorrt": "11.0.0"}, tmp_path, "fp16")
+    plan.with_name("segmentation.plan.json").unlink()
+    with pytest.raises(BackendError, match="no sidecar"):
+        check_sidecar(plan, here, tmp_path, "fp16")
+    assert device_tag(here) == "H10080GBHBM3-sm90-trt10.13"
