@@ -146,6 +146,7 @@ def evaluate_command(
     workers: int = typer.Option(2, min=0),
     device: str = typer.Option("auto"),
     backend: str = typer.Option("auto"),
+    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | int8 (engine precision)."),
 ) -> int:
     """Run the pipeline on images with ground truth and report the ISIC metrics."""
     from trainer.evaluate import evaluate
@@ -154,7 +155,8 @@ def evaluate_command(
     if masks is None and labels is None:
         raise UsageError("evaluate needs --masks and/or --labels to score against")
     report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, tta=tta, folds=folds,
-                      batch_size=batch_size, workers=workers, device=device, backend=backend)
+                      batch_size=batch_size, workers=workers, device=device, backend=backend,
+                      precision=None if precision == "auto" else precision)
     if "segmentation" in report:
         s = report["segmentation"]
         stderr.print(f"segmentation: thresholded Jaccard {s['thresholded_jaccard']:.4f}, Jaccard {s['jaccard']:.4f}, "

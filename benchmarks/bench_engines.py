@@ -1,0 +1,106 @@
+"""torch eager vs ONNX Runtime fp32 (vs int8), per model and end to end, side by side on real images.
+
+    python -m benchmarks.bench_engines --images 32 --folds 5 --json bench_engines.json
+
+Also measures one ONNX graph holding all folds (outputs stacked) against one session per fold.
+Randomly initialised default-architecture models: speed does not depend on the weight values, but the int8
+agreement printed here does, so int8 accuracy must be judged on a trained bundle (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import make_bundle, real_images, report
+from dermbatch.backends import create_backend
+from dermbatch.bundle import load_bundle
+from dermbatch.pipeline import RunOptions, run
+
+
+def throughput(fn, x: np.ndarray, repeats: int) -> float:
+    fn(x)  # warm-up: oneDNN and ONNX Runtime prepare kernels per input shape on the first call
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(x)
+    return repeats * len(x) / (time.perf_counter() - start)
+
+
+def per_fold_sessions(bundle, task: str, folder: Path):
+    import onnxruntime as ort
+
+    from dermbatch.models import load_fold_model
+    from engines.onnx_export import INPUT, export_module
+    from engines.ort_backend import session_options
+
+    spec = bundle.spec(task)
+    sessions = [ort.InferenceSession(str(export_module(load_fold_model(bundle, task, f), spec.input_size,
+                                                       folder / f"{task}_fold{f}.onnx")),
+                                     sess_options=session_options(), providers=["CPUExecutionProvider"])
+                for f in spec.folds]
+    return lambda x: np.stack([s.run(None, {INPUT: x})[0] for s in sessions])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8, help="images per model call")
+    parser.add_argument("--int8", action="store_true", help="also build and time the int8 engine")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8
+    from engines.calibration import calibration_inputs
+
+    images = real_images(args.images)
+    rows, extra = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_path = make_bundle(Path(tmp) / "bundle", args.folds, "none")
+        bundle = load_bundle(bundle_path)
+        data = calibration_inputs(bundle_path, images, limit=args.images)
+        build_onnxruntime_fp32(bundle, data)
+        precisions = ["fp32"]
+        if args.int8:
+            build_onnxruntime_int8(bundle, data, min_agreement=0.0)
+            precisions.append("int8")
+        folds = {t: bundle.spec(t).folds for t in ("segmentation", "classification")}
+        backends = {"torch": create_backend("torch", bundle, "cpu", folds)}
+        for precision in precisions:
+            backends[f"onnxruntime {precision}"] = create_backend("onnxruntime", bundle, "cpu", folds,
+                                                                  precision=precision)
+        for task, method in (("segmentation", "segment"), ("classification", "classify")):
+            x = data[task][: args.batch]
+            speeds = {name: throughput(getattr(b, method), x, 3) for name, b in backends.items()}
+            speeds["onnxruntime fp32, one session per fold"] = throughput(
+                per_fold_sessions(bundle, task, Path(tmp) / "perfold"), x, 3)
+            for name, speed in speeds.items():
+                rows.append({"stage": f"{task} model ({args.folds} folds)", "method": name, "images/s": speed,
+                             "vs torch": speed / speeds["torch"]})
+        for name in backends:
+            out = Path(tmp) / name.replace(" ", "_") / "r.csv"
+            backend, precision = (name.split() + [None])[:2]
+            start = time.perf_counter()
+            run(RunOptions(inputs=[str(p) for p in images], out=out, model=str(bundle_path), backend=backend,
+                           precision=precision, tta="none", overwrite=True))
+            rows.append({"stage": "end to end (dermbatch run)", "method": name,
+                         "images/s": len(images) / (time.perf_counter() - start), "vs torch": 0.0})
+        e2e = [r for r in rows if r["stage"].startswith("end")]
+        for r in e2e:
+            r["vs torch"] = r["images/s"] / e2e[0]["images/s"]
+        info = load_bundle(bundle_path)
+        from engines.store import find_engine
+
+        for precision in precisions:
+            extra[f"agreement {precision}"] = find_engine(info, "onnxruntime", precision)[1]["agreement"]
+    extra["command"] = (f"python -m benchmarks.bench_engines --images {args.images} --folds {args.folds} "
+                        f"--batch {args.batch}" + (" --int8" if args.int8 else ""))
+    report(f"Engines on CPU: {len(images)} HAM10000 images, {args.folds} folds, batch {args.batch}, no TTA",
+           rows, extra, args.json)
+
+
+if __name__ == "__main__":
+    main()
