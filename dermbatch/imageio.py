@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,6 @@ class ImageHeader:
     width: int
     height: int
     orientation: int
-    frames: int
 
 
 def read_header(data: bytes, path: Path, max_pixels: int) -> ImageHeader:
@@ -52,14 +52,14 @@ def read_header(data: bytes, path: Path, max_pixels: int) -> ImageHeader:
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
-            frames = getattr(im, "n_frames", 1)
-            orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "PNG", "TIFF") else 1
+            if fmt in SUPPORTED_FORMATS and width * height <= max_pixels:
+                orientation = _orientation(im)
     except Image.DecompressionBombError:
         raise ImageError(path, f"image has more pixels than the {max_pixels // 1_000_000} MP limit "
                                "(possible decompression bomb); not decoded") from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (unrecognised content)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
         raise ImageError(path, f"unreadable image header ({exc})") from None
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(path, f"content is {fmt}, not a supported format (JPEG, PNG, BMP, TIFF)")
@@ -68,9 +68,23 @@ def read_header(data: bytes, path: Path, max_pixels: int) -> ImageHeader:
                                f"{max_pixels / 1e6:.0f} MP limit (possible decompression bomb); not decoded")
     if width < 1 or height < 1:
         raise ImageError(path, f"image has no pixels ({width}x{height})")
-    if orientation not in range(1, 9):
-        orientation = 1
-    return ImageHeader(SUPPORTED_FORMATS[fmt], width, height, orientation, frames)
+    return ImageHeader(SUPPORTED_FORMATS[fmt], width, height, orientation)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag, read without decoding pixels (PIL's PNG getexif() would decode them)."""
+    if im.format == "PNG":
+        raw = im.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+    elif im.format in ("JPEG", "MPO", "TIFF"):
+        exif = im.getexif()
+    else:
+        return 1
+    value = exif.get(0x0112, 1)
+    return value if value in range(1, 9) else 1
 
 
 def reduction_factor(header: ImageHeader, min_side: int | None) -> int:

@@ -30,6 +30,8 @@ class OutputWriter:
             if folder is not None:
                 try:
                     folder.mkdir(parents=True, exist_ok=True)
+                    for stale in folder.glob(".*.tmp"):  # left by a run killed mid-write
+                        stale.unlink()
                 except OSError as exc:
                     raise OutputError(f"{folder}: cannot create --{name} folder ({exc.strerror or exc})") from None
         self.seconds = 0.0

@@ -117,5 +117,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError for anything beyond plain tensors and containers
+        raise UsageError(f"--pretrained {path}: refused, not a plain weights file ({type(exc).__name__}); "
+                         "weights are loaded with weights_only=True and never unpickled") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
