@@ -54,8 +54,8 @@ def build_corpus(folder):
     put("text.jpg", b"just some notes, not a picture\n" * 5, "not an image")
     put("page.png", b"<!DOCTYPE html><html><body>404 not found</body></html>", "not an image")
     put("bomb.png", _png_header_only(50_000, 50_000), "decompression bomb")
-    put("animated.jpg", lambda p: Image.fromarray(rgb).save(p, "GIF", save_all=True,
-                                                            append_images=[Image.fromarray(255 - rgb)]), "content is GIF")
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    put("animated.jpg", lambda p: frames[0].save(p, "GIF", save_all=True, append_images=frames[1:]), "content is GIF")
     corrupt = bytearray(cv2.imencode(".png", rgb)[1].tobytes())
     corrupt[len(corrupt) // 2: len(corrupt) // 2 + 40] = b"\x00" * 40
     put("corrupt_data.png", bytes(corrupt), "corrupt")
