@@ -47,7 +47,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register_commands() -> None:
-    from dermbatch.cli import engine, run, train  # noqa: F401  (each module registers its commands)
+    from dermbatch.cli import engine, models, run, train  # noqa: F401  (each module registers its commands)
 
 
 def main(argv: list[str] | None = None) -> int:
