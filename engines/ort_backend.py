@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from dermbatch.backends import TaskBackend, fold_selection
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
 from engines.onnx_export import INPUT, OUTPUT
@@ -43,7 +44,7 @@ def providers_for(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
 
 
-class OrtBackend:
+class OrtBackend(TaskBackend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
@@ -62,11 +63,7 @@ class OrtBackend:
         self.sessions, self.select = {}, {}
         for task, wanted in (folds or {}).items():
             task_info = self.info["tasks"][task]
-            present = tuple(task_info["folds"])
-            missing = sorted(set(wanted) - set(present))
-            if missing:
-                raise BackendError(f"{self.folder}: engine holds {task} folds {present}, not {missing}; rebuild it")
-            self.select[task] = None if tuple(wanted) == present else [present.index(f) for f in wanted]
+            self.select[task] = fold_selection(tuple(task_info["folds"]), wanted, f"{self.folder} ({task})")
             self.sessions[task] = ort.InferenceSession(str(self.folder / task_info["file"]),
                                                        sess_options=session_options(threads),
                                                        providers=self.providers)
@@ -75,12 +72,6 @@ class OrtBackend:
     def _run(self, task: str, x: np.ndarray) -> np.ndarray:
         out = self.sessions[task].run([OUTPUT], {INPUT: np.ascontiguousarray(x, dtype=np.float32)})[0]
         return out if self.select[task] is None else out[self.select[task]]
-
-    def segment(self, x: np.ndarray) -> np.ndarray:
-        return self._run("segmentation", x)
-
-    def classify(self, x: np.ndarray) -> np.ndarray:
-        return self._run("classification", x)
 
     def describe(self) -> dict:
         import onnxruntime as ort

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermbatch.backends import TaskBackend, fold_selection
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
 from engines.store import find_engine
@@ -72,7 +73,7 @@ class TrtRunner:
         self.context = self.engine = self.runtime = None
 
 
-class TrtBackend:
+class TrtBackend(TaskBackend):
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
@@ -91,10 +92,7 @@ class TrtBackend:
         for task, wanted in (folds or {}).items():
             plan = self.folder / self.info["tasks"][task]["file"]
             sidecar = check_sidecar(plan, dev, bundle.path, self.precision)
-            present = tuple(self.info["tasks"][task]["folds"])
-            if set(wanted) - set(present):
-                raise BackendError(f"{plan}: holds {task} folds {present}, not {sorted(set(wanted) - set(present))}")
-            self.select[task] = None if tuple(wanted) == present else [present.index(f) for f in wanted]
+            self.select[task] = fold_selection(tuple(self.info["tasks"][task]["folds"]), wanted, str(plan))
             self.max_batch[task] = int(sidecar["profile"]["max"])
             self.runners[task] = TrtRunner(plan)
         log.info("tensorrt %s plans %s on %s", self.precision, self.folder, dev["gpu"])
@@ -107,12 +105,6 @@ class TrtBackend:
         out = torch.cat([self.runners[task](xt[i:i + step]) for i in range(0, len(xt), step)], dim=1)
         out = out.float().cpu().numpy()
         return out if self.select[task] is None else out[self.select[task]]
-
-    def segment(self, x: np.ndarray) -> np.ndarray:
-        return self._run("segmentation", x)
-
-    def classify(self, x: np.ndarray) -> np.ndarray:
-        return self._run("classification", x)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "precision": self.precision, "engine": str(self.folder)}

@@ -121,3 +121,29 @@ def test_sidecar_mismatch_is_refused_with_the_rebuild_command(tmp_path):
     with pytest.raises(BackendError, match="no sidecar"):
         check_sidecar(plan, here, tmp_path, "fp16")
     assert device_tag(here) == "H10080GBHBM3-sm90-trt10.13"
+
+
+def _has_tensorrt():
+    from engines.tensorrt_common import tensorrt_available
+
+    return tensorrt_available()[0]
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT and an NVIDIA GPU")
+def test_tensorrt_fp16_plan_reproduces_torch(tiny_bundle, tmp_path):
+    root = shutil.copytree(tiny_bundle.path, tmp_path / "bundle")
+    images = real_images(HAM, 8)
+    assert main(["build-engine", "--model", str(root), "--target", "tensorrt", "--batch", "1,8,32",
+                 "--calibration", str(images[0].parent)]) == 0
+    plan_dirs = list((root / "engines").glob("tensorrt-fp16-*"))
+    assert len(plan_dirs) == 1 and (plan_dirs[0] / "segmentation.plan.json").exists()
+    outs = {}
+    for backend in ("torch", "tensorrt"):
+        outs[backend] = tmp_path / backend / "r.csv"
+        assert main(["run", *map(str, images), "--out", str(outs[backend]), "--model", str(root), "--backend",
+                     backend, "--device", "cuda", "--precision", "fp16", "-q"]) == 0
+    rows = {b: [np.array(line.split(",")[1:], float) for line in p.read_text().splitlines()[1:]]
+            for b, p in outs.items()}
+    for a, b in zip(rows["torch"], rows["tensorrt"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-2)

@@ -39,6 +39,27 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class TaskBackend:
+    """``segment``/``classify`` over one ``_run(task, x)``; shared by every backend."""
+
+    def _run(self, task: str, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def segment(self, x: np.ndarray) -> np.ndarray:
+        return self._run("segmentation", x)
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        return self._run("classification", x)
+
+
+def fold_selection(present: tuple[int, ...], wanted: tuple[int, ...], where: str) -> list[int] | None:
+    """Indices into an engine's stacked fold outputs for ``wanted``; None when it is all of them, in order."""
+    missing = sorted(set(wanted) - set(present))
+    if missing:
+        raise BackendError(f"{where}: holds folds {present}, not {missing}; rebuild it with those folds")
+    return None if tuple(wanted) == tuple(present) else [present.index(f) for f in wanted]
+
+
 def backend_names() -> list[str]:
     return ["auto", *BACKENDS]
 

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import torch
 
+from dermbatch.backends import TaskBackend
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
 from dermbatch.models import load_fold_model
@@ -33,7 +34,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-class TorchBackend:
+class TorchBackend(TaskBackend):
     name = "torch"
 
     def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
@@ -69,12 +70,6 @@ class TorchBackend:
                     chunks.append(model(xt[start:start + self.max_batch]).float())
             outputs.append(torch.cat(chunks))
         return torch.stack(outputs).cpu().numpy()
-
-    def segment(self, x: np.ndarray) -> np.ndarray:
-        return self._run("segmentation", x)
-
-    def classify(self, x: np.ndarray) -> np.ndarray:
-        return self._run("classification", x)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "fp16_autocast": self.fp16,
