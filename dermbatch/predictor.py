@@ -110,8 +110,9 @@ class Predictor:
         for mode in self.tta.values():
             if mode not in ("none", "flip", "d4"):
                 raise UsageError(f"--tta {mode!r}: choose none, flip or d4")
-        if self.tta["segmentation"] == "d4" and self.seg_spec.input_size[0] != self.seg_spec.input_size[1]:
-            raise UsageError("--tta d4 needs a square segmentation input; use flip")
+        for spec in (self.seg_spec, self.cls_spec):
+            if self.tta[spec.task] == "d4" and spec.input_size[0] != spec.input_size[1]:
+                raise UsageError(f"--tta d4 needs a square {spec.task} input, not {spec.input_size}; use flip")
         self.folds = parse_folds(folds, self.bundle)
         self.batch_size, self.workers, self.max_pixels = batch_size, workers, max_pixels
         # JPEGs are decoded at reduced scale only while the shorter side keeps 4x the classifier's input,
