@@ -55,6 +55,9 @@ class RunOptions:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        for name in ("masks", "annotate", "crops", "details"):  # the Python API may pass strings
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
         if self.out.suffix.lower() != ".csv":
             raise UsageError(f"--out {self.out}: must be a .csv file")
         if self.details is None:

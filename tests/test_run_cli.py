@@ -131,3 +131,11 @@ def test_fatal_error_is_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"Error: {tmp_path / 'missing'}: model bundle directory not found"]
+
+
+def test_python_api_run_accepts_string_paths(tiny_bundle, image_folder, tmp_path):
+    from dermbatch.pipeline import RunOptions, run
+
+    summary = run(RunOptions(inputs=[str(image_folder)], out=str(tmp_path / "r.csv"), model=str(tiny_bundle.path),
+                             masks=str(tmp_path / "m"), annotate=str(tmp_path / "a"), tta="none"))
+    assert summary.ok == 6 and len(list((tmp_path / "m").iterdir())) == 6
