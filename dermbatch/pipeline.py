@@ -77,6 +77,7 @@ class RunSummary:
     ok: int = 0
     failed: int = 0
     elapsed: float = 0.0
+    startup: float = 0.0  # loading the bundle and building the backend
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     status: str = "running"
@@ -90,6 +91,8 @@ class RunSummary:
         rates = {stage: done / s for stage, s in self.seconds.items() if s > 0}
         if self.elapsed > 0:
             rates["end_to_end"] = done / self.elapsed
+        if self.elapsed > self.startup > 0:
+            rates["after_startup"] = done / (self.elapsed - self.startup)
         return rates
 
 
@@ -122,9 +125,12 @@ def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
         summary.skipped = len(items) - len(pending)
         if summary.skipped:
             log.info("resume: %d of %d images already in %s", summary.skipped, len(items), options.out)
-        with Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
-                       folds=options.folds, batch_size=options.batch_size, workers=options.workers,
-                       precision=options.precision) as predictor:
+        load_start = time.perf_counter()
+        predictor = Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
+                              folds=options.folds, batch_size=options.batch_size, workers=options.workers,
+                              precision=options.precision)
+        summary.startup = time.perf_counter() - load_start
+        with predictor:
             writer = OutputWriter(CsvAppender(options.out, RESULT_COLUMNS, keep_results),
                                   CsvAppender(options.details, DETAIL_COLUMNS, keep_details),
                                   masks=options.masks, annotate=options.annotate, crops=options.crops)

@@ -44,7 +44,7 @@ def invert_view(y: np.ndarray, view: View) -> np.ndarray:
     return y[..., ::-1] if flip else y
 
 
-def _stack_views(x: np.ndarray, mode: str) -> tuple[tuple[View, ...], np.ndarray]:
+def stack_views(x: np.ndarray, mode: str) -> tuple[tuple[View, ...], np.ndarray]:
     vs = views(mode)
     batch = np.concatenate([apply_view(x, v) for v in vs]) if len(vs) > 1 else x
     return vs, np.ascontiguousarray(batch, dtype=np.float32)
@@ -52,7 +52,7 @@ def _stack_views(x: np.ndarray, mode: str) -> tuple[tuple[View, ...], np.ndarray
 
 def segment_with_tta(model_fn: ModelFn, x: np.ndarray, mode: str) -> np.ndarray:
     """(N, C, H, W) -> (N, 1, H, W): logits averaged over folds and views, each view inverted first."""
-    vs, batch = _stack_views(x, mode)
+    vs, batch = stack_views(x, mode)
     out = np.asarray(model_fn(batch), dtype=np.float32)  # (F, V*N, 1, H, W)
     n = x.shape[0]
     total = np.zeros(out.shape[:1] + (n,) + out.shape[2:], np.float32)
@@ -63,7 +63,7 @@ def segment_with_tta(model_fn: ModelFn, x: np.ndarray, mode: str) -> np.ndarray:
 
 def classify_with_tta(model_fn: ModelFn, x: np.ndarray, mode: str) -> np.ndarray:
     """(N, C, H, W) -> (N, K): class logits averaged over folds and views."""
-    vs, batch = _stack_views(x, mode)
+    vs, batch = stack_views(x, mode)
     out = np.asarray(model_fn(batch), dtype=np.float32)  # (F, V*N, K)
     n = x.shape[0]
     return out.reshape(out.shape[0], len(vs), n, -1).mean(axis=(0, 1))

@@ -1,0 +1,75 @@
+"""Pipeline efficiency: end-to-end images/s divided by model-only images/s (same backend, batch, folds, TTA).
+
+    python -m benchmarks.bench_pipeline --images 32 --folds 5 --tta flip
+
+Model-only: the backend's forward calls on inputs prepared beforehand (all TTA views stacked, as the
+pipeline stacks them). End to end: ``dermbatch run`` (decode, segment, post-process, crop, classify, write
+CSVs and masks) from the first image to the last, after the models are loaded. A ratio near 1 means
+decoding, pre/post-processing and writing hide behind inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+
+from benchmarks.common import make_bundle, real_images, report
+from dermbatch.backends import create_backend
+from dermbatch.bundle import load_bundle
+from dermbatch.pipeline import RunOptions, run
+from dermbatch.tta import stack_views
+
+
+def model_only_rate(backend, data: dict, batch: int, tta: str) -> float:
+    stacked = []
+    for start in range(0, len(data["segmentation"]), batch):
+        stacked.append({task: stack_views(data[task][start:start + batch], tta)[1] for task in data})
+    backend.segment(stacked[0]["segmentation"])  # warm-up
+    backend.classify(stacked[0]["classification"])
+    begin = time.perf_counter()
+    for views in stacked:
+        backend.segment(views["segmentation"])
+        backend.classify(views["classification"])
+    return len(data["segmentation"]) / (time.perf_counter() - begin)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--tta", default="flip", choices=["none", "flip", "d4"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from engines.build import build_onnxruntime_fp32
+    from engines.calibration import calibration_inputs
+
+    images = real_images(args.images)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_path = make_bundle(Path(tmp) / "bundle", args.folds, args.tta)
+        bundle = load_bundle(bundle_path)
+        data = calibration_inputs(bundle_path, images, limit=args.images)
+        build_onnxruntime_fp32(bundle, data)
+        folds = {t: bundle.spec(t).folds for t in ("segmentation", "classification")}
+        for name in ("torch", "onnxruntime"):
+            backend = create_backend(name, bundle, "cpu", folds)
+            model = model_only_rate(backend, data, args.batch, args.tta)
+            backend.close()
+            summary = run(RunOptions(inputs=[str(p) for p in images], out=Path(tmp) / name / "r.csv",
+                                     model=str(bundle_path), backend=name, tta=args.tta, batch_size=args.batch,
+                                     masks=Path(tmp) / name / "masks", overwrite=True))
+            e2e = summary.rates()["after_startup"]
+            rows.append({"backend": name, "model-only images/s": model, "end-to-end images/s": e2e,
+                         "efficiency": e2e / model})
+    report(f"Pipeline efficiency: {len(images)} HAM10000 images, {args.folds} folds, TTA {args.tta}, "
+           f"batch {args.batch}", rows,
+           {"command": f"python -m benchmarks.bench_pipeline --images {args.images} --folds {args.folds} "
+                       f"--tta {args.tta} --batch {args.batch}"}, args.json)
+
+
+if __name__ == "__main__":
+    main()
