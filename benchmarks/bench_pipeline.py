@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from benchmarks.common import make_bundle, real_images, report
 from dermbatch.backends import create_backend
 from dermbatch.bundle import load_bundle
