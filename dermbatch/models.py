@@ -79,10 +79,6 @@ def load_fold_model(bundle: Bundle, task: str, fold: int) -> nn.Module:
     return model.eval()
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @torch.no_grad()
 def random_state_dict(spec: ModelSpec, num_classes: int = 7, seed: int = 0) -> dict:
     """State dict of a seeded random model: used for tests and benchmarks that need real-size models."""

@@ -18,7 +18,6 @@ from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
 
 ENGINE_FILE = "engine.json"
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def fingerprint(bundle: Bundle) -> str:
