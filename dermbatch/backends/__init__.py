@@ -85,7 +85,7 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
     if trt_ok and device != "cpu" and find_engine(bundle, "tensorrt", None, device_tag(current_device())):
         log.info("backend: tensorrt (auto; a plan for this GPU and TensorRT is built)")
         return "tensorrt"
-    if device.startswith("cuda") or (device == "auto" and trt_ok):
+    if device.startswith("cuda") or (device == "auto" and _cuda_available()):
         log.info("backend: torch on CUDA (auto; no TensorRT plan for this GPU%s)", f": {reason}" if reason else "")
         return "torch"
     if find_engine(bundle, "onnxruntime"):
@@ -93,6 +93,12 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
         return "onnxruntime"
     log.info("backend: torch (auto; no engine built: `dermbatch build-engine` makes one)")
     return "torch"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def create_backend(name: str, bundle: Bundle, device: str, folds: dict[str, tuple[int, ...]],
