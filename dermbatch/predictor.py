@@ -18,11 +18,12 @@ import cv2
 import numpy as np
 
 from dermbatch.backends import create_backend
-from dermbatch.bundle import Bundle, load_bundle
+from dermbatch.bundle import Bundle, ModelSpec, load_bundle
 from dermbatch.errors import UsageError
 from dermbatch.imageio import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import Sample, batched, iter_samples
+from dermbatch.manifest import TTA_MODES
 from dermbatch.postprocess import Box, mask_from_logits, scale_box
 from dermbatch.preprocess import correct_colors, lesion_crop, model_input
 from dermbatch.tta import classify_with_tta, segment_with_tta, softmax, views
@@ -73,6 +74,16 @@ class Result:
         return mask * np.uint8(255)
 
 
+def segment_images(model_fn, spec: ModelSpec, images: list[np.ndarray], tta: str) -> list[np.ndarray]:
+    """Clean masks (uint8 0/1, each at its image's size) for RGB images, made exactly as ``run`` makes them.
+
+    ``model_fn`` maps a (B, 3, H, W) batch to stacked fold logits (F, B, 1, H, W), like ``Backend.segment``.
+    """
+    logits = segment_with_tta(model_fn, np.stack([model_input(rgb, spec) for rgb in images]), tta)
+    return [mask_from_logits(logit[0], rgb.shape[:2], spec.threshold) for rgb, logit in zip(images, logits,
+                                                                                             strict=True)]
+
+
 def parse_folds(folds: str | Iterable[int] | None, bundle: Bundle) -> dict[str, tuple[int, ...]]:
     """``all``/None -> every fold present; "0,2" or [0, 2] -> those, checked against each task."""
     selected: dict[str, tuple[int, ...]] = {}
@@ -108,7 +119,7 @@ class Predictor:
         self.cls_spec = self.bundle.spec("classification")
         self.tta = {"segmentation": tta or self.seg_spec.tta, "classification": tta or self.cls_spec.tta}
         for mode in self.tta.values():
-            if mode not in ("none", "flip", "d4"):
+            if mode not in TTA_MODES:
                 raise UsageError(f"--tta {mode!r}: choose none, flip or d4")
         for spec in (self.seg_spec, self.cls_spec):
             if self.tta[spec.task] == "d4" and spec.input_size[0] != spec.input_size[1]:

@@ -45,6 +45,19 @@ def lr_range_test(model, dataset, loss_fn, batch_size: int, device: str = "cpu",
     return lrs, losses, suggest(lrs, losses)
 
 
+def lr_find(plan, batch_size: int, steps: int = 100):
+    """The range test for a planned task (``trainer.run.plan_tasks``): (rates, losses, suggestion, spec)."""
+    from trainer.dataset import TrainingSet, default_cache_dir
+    from trainer.train import make_loss, model_spec, new_model
+
+    spec = model_spec(plan)
+    dataset = TrainingSet(plan.items, spec.task, spec, plan.crop, plan.cache_dir or default_cache_dir(), train=True,
+                          seed=plan.fit.seed, pre=plan.preprocessing)
+    lrs, losses, suggestion = lr_range_test(new_model(plan, spec, 0), dataset, make_loss(plan, plan.items),
+                                            batch_size, plan.fit.device, steps=steps, seed=plan.fit.seed)
+    return lrs, losses, suggestion, spec
+
+
 def suggest(lrs: list[float], losses: list[float]) -> float:
     """The rate of steepest descent of the smoothed loss against log(lr), ignoring the noisy ends."""
     if len(lrs) < 5:

@@ -18,9 +18,8 @@ import numpy as np
 from dermbatch.backends.torch_backend import TorchBackend
 from dermbatch.bundle import load_bundle
 from dermbatch.imageio import decode_image
-from dermbatch.postprocess import mask_from_logits
-from dermbatch.preprocess import correct_colors, model_input
-from dermbatch.tta import segment_with_tta
+from dermbatch.predictor import segment_images
+from dermbatch.preprocess import correct_colors
 from trainer.data import Item
 
 log = logging.getLogger(__name__)
@@ -47,9 +46,7 @@ def predict_missing_masks(bundle_dir: Path, items: list[Item], cache_root: Path,
             group = todo[start:start + batch]
             images = [correct_colors(decode_image(i.image, min_side=4 * max(spec.input_size)).rgb,
                                      bundle.preprocessing) for i in group]
-            logits = segment_with_tta(backend.segment, np.stack([model_input(rgb, spec) for rgb in images]), "none")
-            for item, rgb, logit in zip(group, images, logits, strict=True):
-                mask = mask_from_logits(logit[0], rgb.shape[:2], spec.threshold)
+            for item, mask in zip(group, segment_images(backend.segment, spec, images, "none"), strict=True):
                 cv2.imwrite(str(paths[item.image_id]), mask * np.uint8(255))
         backend.close()
     return [replace(i, mask=paths[i.image_id]) if i.mask is None else i for i in items]

@@ -10,9 +10,9 @@ import torch
 
 from dermbatch.bundle import CLASSES, ModelSpec, PreprocessSpec
 from dermbatch.imageio import decode_image
-from dermbatch.postprocess import mask_from_logits
-from dermbatch.preprocess import correct_colors, model_input, normalize
-from dermbatch.tta import classify_with_tta, segment_with_tta, softmax
+from dermbatch.predictor import segment_images
+from dermbatch.preprocess import correct_colors, normalize
+from dermbatch.tta import classify_with_tta, softmax
 from trainer.data import Item
 from trainer.dataset import TrainingSet, read_mask
 from trainer.metrics import jaccard
@@ -35,9 +35,7 @@ def segmentation_oof(model, spec: ModelSpec, items: list[Item], device: str, pre
     for start in range(0, len(items), batch):
         group = items[start:start + batch]
         images = [correct_colors(decode_image(item.image).rgb, pre) for item in group]
-        logits = segment_with_tta(fn, np.stack([model_input(rgb, spec) for rgb in images]), spec.tta)
-        for item, rgb, logit in zip(group, images, logits, strict=True):
-            mask = mask_from_logits(logit[0], rgb.shape[:2], spec.threshold)
+        for item, rgb, mask in zip(group, images, segment_images(fn, spec, images, spec.tta), strict=True):
             rows.append({"image": item.image_id, "jaccard": jaccard(mask, read_mask(item.mask, rgb.shape[:2]))})
     return rows
 

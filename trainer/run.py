@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dermbatch.errors import UsageError
+from dermbatch.manifest import TTA_MODES
 from trainer.data import Item, cls_items, official_paths, seg_items
 from trainer.fit import FitConfig
 from trainer.losses import CLASS_WEIGHTS
@@ -39,7 +40,7 @@ def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: 
         raise UsageError(f"--schedule {fit['schedule']!r}: choose {', '.join(SCHEDULES)}")
     if model_options["class_weights"] not in CLASS_WEIGHTS:
         raise UsageError(f"--class-weights {model_options['class_weights']!r}: choose {', '.join(CLASS_WEIGHTS)}")
-    if model_options["tta"] not in ("none", "flip", "d4"):
+    if model_options["tta"] not in TTA_MODES:
         raise UsageError(f"--tta {model_options['tta']!r}: choose none, flip or d4")
     jobs: list[tuple[str, list[Item], str]] = []
     if task == "both":

@@ -94,6 +94,21 @@ def _update_manifest(opts: TaskOptions, spec: ModelSpec, done_folds: list[int], 
     write_manifest(opts.out, manifest)
 
 
+def new_model(opts: TaskOptions, spec: ModelSpec, fold: int) -> torch.nn.Module:
+    """A seeded model for ``fold`` with its backbone initialised from ``opts.pretrained``."""
+    torch.manual_seed(derived_seed(opts.fit.seed, fold, 0, 3))
+    model = build_model(spec, num_classes=len(CLASSES))
+    load_pretrained(model, opts.task, spec.encoder, opts.pretrained)
+    return model
+
+
+def make_loss(opts: TaskOptions, train_items: list[Item]) -> torch.nn.Module:
+    if opts.task == "segmentation":
+        return BceDiceLoss()
+    weights = class_weights([i.label for i in train_items], len(CLASSES), opts.class_weights)
+    return ClassificationLoss(weights, opts.label_smoothing, opts.focal_gamma)
+
+
 def _check_compatible(opts: TaskOptions, spec: ModelSpec, previous: dict | None, section: dict) -> None:
     """Refuse to mix this training into a bundle made with other settings."""
     if section and (section.get("encoder") != spec.encoder or section.get("input_size") != list(spec.input_size)):
@@ -140,16 +155,10 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         train_items = [i for i in opts.items if fold_of[i.image_id] != fold]
         val_items = [i for i in opts.items if fold_of[i.image_id] == fold]
         log.info("%s fold %d: %d training, %d validation images", opts.task, fold, len(train_items), len(val_items))
-        torch.manual_seed(derived_seed(opts.fit.seed, fold, 0, 3))
-        model = build_model(spec, num_classes=len(CLASSES))
-        load_pretrained(model, opts.task, spec.encoder, opts.pretrained)
+        model = new_model(opts, spec, fold)
         train_set = TrainingSet(train_items, opts.task, spec, opts.crop, cache, True, opts.fit.seed, opts.preprocessing)
         val_set = TrainingSet(val_items, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
-        if opts.task == "segmentation":
-            loss = BceDiceLoss()
-        else:
-            weights_c = class_weights([i.label for i in train_items], len(CLASSES), opts.class_weights)
-            loss = ClassificationLoss(weights_c, opts.label_smoothing, opts.focal_gamma)
+        loss = make_loss(opts, train_items)
         checkpoint = opts.out / "checkpoints" / f"{prefix}_fold{fold}.pt"
         outcome = fit_fold(model, spec, train_set, val_set, loss, opts.fit, fold, checkpoint,
                            opts.out / "logs" / f"{prefix}_fold{fold}.csv", opts.resume, progress)

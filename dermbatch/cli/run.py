@@ -43,8 +43,6 @@ def run_command(
         raise UsageError(f"--backend {backend!r}: available here: {', '.join(backend_names())}")
     if precision not in ("auto", "fp32", "fp16", "int8"):
         raise UsageError(f"--precision {precision!r}: choose auto, fp32, fp16 or int8")
-    if tta is not None and tta not in ("none", "flip", "d4"):
-        raise UsageError(f"--tta {tta!r}: choose none, flip or d4")
     options = RunOptions(inputs=[str(p) for p in inputs], out=out, model=str(model) if model else None,
                          backend=backend, device=device, precision=None if precision == "auto" else precision,
                          tta=tta, folds=folds, batch_size=batch_size, workers=workers, masks=masks,

@@ -102,13 +102,8 @@ def lr_find_command(
 ) -> int:
     """The learning-rate range test: sweep the LR, save the loss curve as a PNG, print a suggested rate."""
     from dermbatch.backends.torch_backend import resolve_device
-    from dermbatch.models import build_model
-    from trainer.dataset import TrainingSet, default_cache_dir
-    from trainer.losses import BceDiceLoss, ClassificationLoss, class_weights
-    from trainer.lr_find import lr_range_test, plot
-    from trainer.pretrained import load_pretrained
+    from trainer.lr_find import lr_find, plot
     from trainer.run import plan_tasks
-    from trainer.train import model_spec
 
     setup_logging()
     if task not in ("seg", "cls"):
@@ -119,15 +114,7 @@ def lr_find_command(
                          limit=limit, cache=cache, resume=False, fit=fit, folds=2, input_size=input_size,
                          encoder=encoder, pretrained=pretrained, tta="none", class_weights="balanced-sqrt",
                          focal_gamma=0.0, label_smoothing=0.0)
-    spec = model_spec(plan)
-    model = build_model(spec)
-    load_pretrained(model, spec.task, spec.encoder, pretrained)
-    dataset = TrainingSet(plan.items, spec.task, spec, plan.crop, cache or default_cache_dir(), train=True, seed=seed)
-    if spec.task == "segmentation":
-        loss = BceDiceLoss()
-    else:
-        loss = ClassificationLoss(class_weights([i.label for i in plan.items], 7, "balanced-sqrt"))
-    lrs, losses, suggestion = lr_range_test(model, dataset, loss, batch_size, fit["device"], steps=steps, seed=seed)
+    lrs, losses, suggestion, spec = lr_find(plan, batch_size, steps)
     plot(lrs, losses, suggestion, out, f"LR range test: {spec.task}, {spec.encoder}, {len(plan.items)} images")
     typer.echo(f"suggested learning rate: {suggestion:.2e} (loss curve: {out})")
     return 0
