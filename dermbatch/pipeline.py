@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dermbatch import __version__
 from dermbatch.errors import OutputError, UsageError
+from dermbatch.explain import Explainer
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import batched
 from dermbatch.outputs import (
@@ -25,6 +26,7 @@ from dermbatch.outputs import (
     write_bytes_atomic,
 )
 from dermbatch.predictor import Predictor, Result
+from dermbatch.report import write_report
 from dermbatch.writer import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,16 @@ class RunOptions:
     annotate: Path | None = None
     crops: Path | None = None
     details: Path | None = None
+    explain: Path | None = None
+    guided: bool = False
+    report: Path | None = None
     resume: bool = False
     overwrite: bool = False
     recursive: bool = True
 
     def __post_init__(self):
         self.out = Path(self.out)
-        for name in ("masks", "annotate", "crops", "details"):  # the Python API may pass strings
+        for name in ("masks", "annotate", "crops", "details", "explain", "report"):  # the Python API may pass strings
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         if self.out.suffix.lower() != ".csv":
@@ -64,6 +69,8 @@ class RunOptions:
             self.details = self.out.with_name(f"{self.out.stem}_details.csv")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other; choose one")
+        if self.guided and self.explain is None:
+            raise UsageError("--guided adds guided Grad-CAM to the --explain outputs: pass --explain DIR too")
 
     @property
     def manifest(self) -> Path:
@@ -129,19 +136,31 @@ def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
         predictor = Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
                               folds=options.folds, batch_size=options.batch_size, workers=options.workers,
                               precision=options.precision)
+        explainer = None
+        if options.explain is not None:
+            explainer = Explainer(predictor.bundle, predictor.folds["classification"], options.device,
+                                  options.guided, predictor.describe()["backend"])
         summary.startup = time.perf_counter() - load_start
         with predictor:
             writer = OutputWriter(CsvAppender(options.out, RESULT_COLUMNS, keep_results),
                                   CsvAppender(options.details, DETAIL_COLUMNS, keep_details),
-                                  masks=options.masks, annotate=options.annotate, crops=options.crops)
+                                  masks=options.masks, annotate=options.annotate, crops=options.crops,
+                                  explain=options.explain, report=options.report)
+            report_page = options.report / "index.html" if options.report is not None else None
             summary.outputs = {k: str(v) for k, v in (("results", options.out), ("details", options.details),
                                ("masks", options.masks), ("annotate", options.annotate), ("crops", options.crops),
+                               ("explain", options.explain), ("report", report_page),
                                ("manifest", options.manifest)) if v is not None}
+            explain_seconds = 0.0
             write_manifest(options, predictor, summary)
             if on_start:
                 on_start(len(pending))
             try:
                 for batch in batched(predictor.predict(pending), options.batch_size):
+                    if explainer is not None:
+                        explain_start = time.perf_counter()
+                        explainer.explain(batch)
+                        explain_seconds += time.perf_counter() - explain_start
                     writer.submit(batch)
                     for result in batch:
                         summary.ok += result.ok
@@ -158,10 +177,23 @@ def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
                 finally:
                     summary.elapsed = time.perf_counter() - start
                     summary.seconds = {**predictor.seconds, "write": writer.seconds}
+                    if explainer is not None:
+                        summary.seconds["explain"] = explain_seconds
                     if summary.status == "running":
                         summary.status = "failed"
                     write_manifest(options, predictor, summary)
+            if options.report is not None:
+                write_run_report(options, predictor, summary)
     return summary
+
+
+def write_run_report(options: RunOptions, predictor: Predictor, summary: RunSummary) -> None:
+    meta = {"bundle": predictor.bundle.name, "backend": predictor.describe()["backend"],
+            "results": options.out.name, "run time": f"{summary.elapsed:.0f} s"}
+    try:
+        write_report(options.report, options.out, options.details, predictor.bundle.classes, meta)
+    except OSError as exc:
+        raise OutputError(f"{options.report}: cannot write the report ({exc.strerror or exc})") from None
 
 
 def package_versions() -> dict[str, str]:

@@ -48,6 +48,8 @@ class Result:
     mask: np.ndarray | None = field(default=None, repr=False)  # uint8 0/1
     crop: np.ndarray | None = field(default=None, repr=False)
     crop_box: Box | None = None  # in working pixels
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM, float32 [0, 1] at crop size
+    guided: np.ndarray | None = field(default=None, repr=False)  # guided Grad-CAM, RGB uint8 at crop size
 
     @property
     def ok(self) -> bool:

@@ -15,17 +15,22 @@ import cv2
 
 from dermbatch.annotate import draw_annotation
 from dermbatch.errors import OutputError
+from dermbatch.explain import MIN_SIDE, blend_heatmap
 from dermbatch.outputs import CsvAppender, detail_row, output_path, result_row, write_bytes_atomic
 from dermbatch.predictor import Result
+from dermbatch.report import thumb_path, thumbnails
 
 _STOP = object()
 
 
 class OutputWriter:
     def __init__(self, results: CsvAppender, details: CsvAppender, masks: Path | None = None,
-                 annotate: Path | None = None, crops: Path | None = None):
+                 annotate: Path | None = None, crops: Path | None = None, explain: Path | None = None,
+                 report: Path | None = None):
         self.results, self.details = results, details
-        self.folders = {"masks": masks, "annotate": annotate, "crops": crops}
+        self.report = report
+        self.folders = {"masks": masks, "annotate": annotate, "crops": crops, "explain": explain,
+                        "report": report / "thumbs" if report is not None else None}
         for name, folder in self.folders.items():
             if folder is not None:
                 try:
@@ -103,6 +108,18 @@ class OutputWriter:
             _write_image(output_path(annotate, result.image_id, "_annotated.jpg"), image)
         if crops is not None:
             _write_image(output_path(crops, result.image_id, "_crop.png"), cv2.cvtColor(result.crop, cv2.COLOR_RGB2BGR))
+        explain = self.folders["explain"]
+        if explain is not None and result.heatmap is not None:
+            _write_image(output_path(explain, result.image_id, "_gradcam.jpg"),
+                         blend_heatmap(result.crop, result.heatmap))
+        if explain is not None and result.guided is not None:
+            guided = cv2.cvtColor(result.guided, cv2.COLOR_RGB2BGR)
+            scale = max(1.0, MIN_SIDE / min(guided.shape[:2]))
+            guided = cv2.resize(guided, (round(guided.shape[1] * scale), round(guided.shape[0] * scale)))
+            _write_image(output_path(explain, result.image_id, "_guided_gradcam.jpg"), guided)
+        if self.report is not None:
+            for kind, image in thumbnails(result).items():
+                _write_image(thumb_path(self.report, result.image_id, kind), image)
 
 
 def _write_image(path: Path, image) -> None:
