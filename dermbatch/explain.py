@@ -28,7 +28,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.
     """(B, h, w) Grad-CAM of ``classes`` (B,) for a timm classifier: ReLU(sum_k mean(dy/dA_k) * A_k), each map
     scaled to max 1 (all zeros when nothing speaks for the class)."""
     with torch.enable_grad():
-        features = model.forward_features(x)
+        features = model.forward_features(x.detach().requires_grad_(True))  # a graph even for frozen weights
         logits = model.forward_head(features)
         score = logits.gather(1, classes[:, None]).sum()
         (grads,) = torch.autograd.grad(score, features)

@@ -101,7 +101,7 @@ def write_report(folder: Path, results_csv: Path, details_csv: Path, classes: tu
     meta = {"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **meta}
     meta_html = " · ".join(f"{html.escape(k)}: <b>{html.escape(str(v))}</b>" for k, v in meta.items())
     data = json.dumps({"classes": list(classes), "low_confidence": LOW_CONFIDENCE, "images": entries},
-                      separators=(",", ":")).replace("</", "<\\/")  # cannot close the <script> early
+                      separators=(",", ":")).replace("<", "\\u003c")  # no tag can start inside the <script>
     page = template.replace("__META__", meta_html).replace("__DATA__", data)
     path = folder / "index.html"
     folder.mkdir(parents=True, exist_ok=True)

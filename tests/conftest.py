@@ -64,3 +64,47 @@ def real_images(dataset: Path, count: int) -> list[Path]:
     if not (dataset / "images").is_dir():
         pytest.skip(f"real data not present at {dataset}")
     return sorted((dataset / "images").glob("*.jpg"))[:count]
+
+
+class Browser:
+    """Headless Chromium through Selenium: load a local page, read its console, take screenshots."""
+
+    def __init__(self, driver):
+        self.driver = driver
+
+    def open(self, path: Path) -> list[dict]:
+        """Load ``path``; return the console messages of level SEVERE (errors) it produced."""
+        self.driver.get(path.resolve().as_uri())
+        return [m for m in self.driver.get_log("browser") if m["level"] == "SEVERE"]
+
+    def js(self, script: str):
+        return self.driver.execute_script(script)
+
+    def screenshot(self, path: Path) -> np.ndarray:
+        self.driver.save_screenshot(str(path))
+        return cv2.imread(str(path))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian packages chromium and chromium-driver; .ci/run installs them)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not binary or not driver_path:
+        pytest.skip("chromium and chromium-driver are not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield Browser(driver)
+    finally:
+        driver.quit()

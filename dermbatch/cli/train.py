@@ -134,14 +134,16 @@ def evaluate_command(
     device: str = typer.Option("auto"),
     backend: str = typer.Option("auto"),
     precision: str = typer.Option("auto", help="auto | fp32 | fp16 | int8 (engine precision)."),
+    explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM of every crop for the report."),
 ) -> int:
-    """Run the pipeline on images with ground truth and report the ISIC metrics."""
+    """Run the pipeline on images with ground truth; write the ISIC metrics and an HTML report with plots."""
     from trainer.evaluate import evaluate
 
     setup_logging()
     if masks is None and labels is None:
         raise UsageError("evaluate needs --masks and/or --labels to score against")
-    report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, tta=tta, folds=folds,
+    report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, explain=explain,
+                      tta=tta, folds=folds,
                       batch_size=batch_size, workers=workers, device=device, backend=backend,
                       precision=None if precision == "auto" else precision)
     if "segmentation" in report:
@@ -153,4 +155,5 @@ def evaluate_command(
         stderr.print(f"classification: balanced accuracy {c['balanced_accuracy']:.4f}, macro AUC {c['macro_auc']:.4f},"
                      f" accuracy {c['accuracy']:.4f} ({c['images']} images)")
     typer.echo(str(out / "evaluation.json"))
+    typer.echo(str(out / "report.html"))
     return 3 if report["failed"] else 0
