@@ -90,6 +90,11 @@ class Bundle:
     def name(self) -> str:
         return self.manifest.get("name") or self.path.name
 
+    @property
+    def is_installed_default(self) -> bool:
+        """The bundle shipped inside the package (its engines go to the per-user cache)."""
+        return self.path.resolve() == DEFAULT_BUNDLE_DIR.resolve()
+
     def spec(self, task: str) -> ModelSpec:
         spec = getattr(self, task)
         if spec is None:

@@ -131,6 +131,18 @@ def build_engine(model: str | None, target: str = "auto", precision: str | None 
     return build_tensorrt(bundle, precision, batch, data, device)
 
 
+def build_first_use_engine(bundle: Bundle) -> Path:
+    """The ONNX Runtime fp32 engine of the installed default bundle, checked against torch on the sample images
+    when they are at hand (a source checkout), else on seeded noise (the check is numeric either way)."""
+    folder = Path(__file__).resolve().parents[1] / "sample_images"
+    if folder.is_dir():
+        data = calibration_inputs(bundle.path, folder, limit=16)
+    else:
+        rng = np.random.default_rng(0)
+        data = {task: rng.normal(size=(4, 3, *bundle.spec(task).input_size)).astype(np.float32) for task in TASKS}
+    return build_onnxruntime_fp32(bundle, data)
+
+
 def _sample_images() -> Path:
     folder = Path(__file__).resolve().parents[1] / "sample_images"
     if not folder.is_dir():

@@ -36,9 +36,10 @@ def engine_roots(bundle: Bundle) -> list[Path]:
 
 
 def writable_root(bundle: Bundle) -> Path:
-    """The bundle's own engines folder when it can be written, else the per-user cache."""
+    """The bundle's own engines folder when it can be written, else (and for the installed default bundle, which
+    lives in the package) the per-user cache."""
     own, cache = engine_roots(bundle)
-    if os.access(bundle.path, os.W_OK):
+    if os.access(bundle.path, os.W_OK) and not bundle.is_installed_default:
         return own
     return cache
 

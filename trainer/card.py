@@ -52,6 +52,13 @@ def write_model_card(bundle_dir: Path) -> Path:
         speed = m.get("train_images_per_s")
         if speed:
             lines += [f"Training speed: {speed:.1f} images/s (mean over epochs and folds).", ""]
+    packed = manifest.get("provenance", {}).get("packed")
+    if packed:
+        check = (f"; on {packed['images']} images its probabilities differ from the original's by at most "
+                 f"{packed['max_prob_diff']:.1e} (top-1 agreement {packed['top1_agreement']:.3f})"
+                 if "images" in packed else "")
+        storage = ", ".join(f"{task} {kind}" for task, kind in packed["storage"].items())
+        lines += ["## Storage", "", f"Weights stored as: {storage} (read back as float32){check}.", ""]
     path = bundle_dir / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import time
 from typing import Protocol
 
 import numpy as np
@@ -91,8 +93,33 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
     if find_engine(bundle, "onnxruntime"):
         log.info("backend: onnxruntime (auto; an ONNX Runtime engine is built for this bundle)")
         return "onnxruntime"
+    if bundle.is_installed_default and not os.environ.get("DERMBATCH_NO_AUTO_ENGINE"):
+        return _build_default_engine(bundle)
     log.info("backend: torch (auto; no engine built: `dermbatch build-engine` makes one)")
     return "torch"
+
+
+def _build_default_engine(bundle: Bundle) -> str:
+    """First use of the installed default bundle on CPU: build its ONNX Runtime engine into the per-user cache
+    (once; about half a minute), in one log line. A failure is logged and the run goes on with torch."""
+    start = time.perf_counter()
+    try:
+        from engines.build import build_first_use_engine
+
+        previous = logging.root.manager.disable
+        logging.disable(logging.INFO)  # the build's own steps; the line below says what happened
+        try:
+            folder = build_first_use_engine(bundle)
+        finally:
+            logging.disable(previous)
+    except Exception as exc:  # any failure: say so, and run the same models with torch
+        log.warning("backend: torch (auto; building the default bundle's ONNX Runtime engine failed: %s: %s)",
+                    type(exc).__name__, exc)
+        return "torch"
+    log.info("backend: onnxruntime (auto; first use of the default bundle: built its ONNX Runtime engine into %s "
+             "in %.0f s, reused from now on; DERMBATCH_NO_AUTO_ENGINE=1 skips this)", folder,
+             time.perf_counter() - start)
+    return "onnxruntime"
 
 
 def _cuda_available() -> bool:

@@ -157,3 +157,21 @@ def evaluate_command(
     typer.echo(str(out / "evaluation.json"))
     typer.echo(str(out / "report.html"))
     return 3 if report["failed"] else 0
+
+
+@app.command("pack")
+def pack_command(
+    model: Path = typer.Option(..., "--model", "-m", help="Trained bundle to pack."),
+    out: Path = typer.Option(..., "--out", "-o", help="New bundle folder."),
+    half: str = typer.Option("seg,cls", help="Models stored as float16 (half the size): seg, cls, seg,cls, none."),
+    check_images: Path | None = typer.Option(None, help="Images to compare the packed bundle with the original."),
+    tolerance: float = typer.Option(1e-3, help="Largest probability difference accepted by the check."),
+    name: str | None = typer.Option(None, help="Bundle name [default: the original's]."),
+) -> int:
+    """Copy a trained bundle for distribution (weights, manifest, metrics, splits, logs, model card)."""
+    from trainer.package import pack_bundle, parse_half
+
+    setup_logging()
+    pack_bundle(model, out, half=parse_half(half), check_images=check_images, tolerance=tolerance, name=name)
+    typer.echo(str(out))
+    return 0

@@ -1,0 +1,85 @@
+"""Packing a bundle for distribution (fp16 storage, checked), and the installed default bundle's first use."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from dermbatch.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from dermbatch.cli.main import main
+from dermbatch.predictor import Predictor
+
+
+def test_pack_halves_the_weights_and_records_the_check(tiny_bundle, image_folder, tmp_path):
+    out = tmp_path / "packed"
+    assert main(["pack", "--model", str(tiny_bundle.path), "--out", str(out), "--check-images", str(image_folder),
+                 "--tolerance", "1"]) == 0
+    packed = load_bundle(out)
+    for task in ("segmentation", "classification"):
+        original, half = tiny_bundle.read_weights(task, 0), packed.read_weights(task, 0)
+        for key, value in original.items():  # read back as float32, equal to the fp16 rounding of the original
+            assert half[key].dtype == value.dtype
+            np.testing.assert_array_equal(half[key].numpy(), value.half().float().numpy() if value.is_floating_point()
+                                          else value.numpy())
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert size < 0.55 * sum(p.stat().st_size for p in tiny_bundle.path.glob("*.safetensors"))
+    check = json.loads((out / "bundle.json").read_text())["provenance"]["packed"]
+    assert check["storage"] == {"segmentation": "float16", "classification": "float16"}
+    assert check["images"] == 6 and 0 <= check["max_prob_diff"] < 1
+    assert "segmentation float16, classification float16" in (out / "README.md").read_text()
+
+
+def test_pack_keeps_float32_for_the_tasks_not_halved(tiny_bundle, tmp_path):
+    out = tmp_path / "packed"
+    assert main(["pack", "--model", str(tiny_bundle.path), "--out", str(out), "--half", "seg"]) == 0
+    packed = load_bundle(out)
+    for key, value in tiny_bundle.read_weights("classification", 1).items():
+        np.testing.assert_array_equal(packed.read_weights("classification", 1)[key].numpy(), value.numpy())
+    assert main(["pack", "--model", str(tiny_bundle.path), "--out", str(tmp_path / "x"), "--half", "bogus"]) == 2
+
+
+def test_pack_refuses_a_difference_above_the_tolerance(tiny_bundle, image_folder, tmp_path, capsys):
+    assert main(["pack", "--model", str(tiny_bundle.path), "--out", str(tmp_path / "p"), "--check-images",
+                 str(image_folder), "--tolerance", "0"]) != 0
+    assert "--half none" in capsys.readouterr().err
+
+
+def test_default_bundle_builds_its_engine_on_first_use(tiny_bundle, image_folder, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    default = tmp_path / "site" / "default"
+    shutil.copytree(tiny_bundle.path, default)
+    monkeypatch.setattr("dermbatch.bundle.DEFAULT_BUNDLE_DIR", default)
+    monkeypatch.setenv("DERMBATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DERMBATCH_NO_AUTO_ENGINE", raising=False)
+    monkeypatch.delenv("DERMBATCH_MODEL", raising=False)
+    assert main(["run", str(image_folder), "--out", str(tmp_path / "a.csv"), "--device", "cpu"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "first use of the default bundle: built its ONNX Runtime engine" in err
+    assert not (default / "engines").exists()  # the package folder stays untouched
+    assert len(list((tmp_path / "cache" / "engines").glob("*/onnxruntime-fp32/engine.json"))) == 1
+    assert main(["run", str(image_folder), "--out", str(tmp_path / "b.csv"), "--device", "cpu"]) == 0
+    assert "an ONNX Runtime engine is built for this bundle" in " ".join(capsys.readouterr().err.split())
+    with Predictor(None, backend="torch", device="cpu") as predictor:  # the engine gives torch's probabilities
+        torch_probs = {r.image_id: r.probabilities for r in predictor.predict(image_folder)}
+    rows = (tmp_path / "b.csv").read_text().splitlines()[1:]
+    for row in rows:
+        image, *values = row.split(",")
+        np.testing.assert_allclose(np.array(values, float), torch_probs[image], atol=2e-6)
+
+
+@pytest.mark.skipif(not (DEFAULT_BUNDLE_DIR / "bundle.json").is_file(), reason="no default bundle installed")
+def test_installed_default_bundle_runs_the_sample_images(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("DERMBATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DERMBATCH_MODEL", raising=False)
+    samples = Path(__file__).resolve().parents[1] / "sample_images"
+    assert main(["run", str(samples), "--out", str(tmp_path / "results.csv"), "--masks", str(tmp_path / "m"),
+                 "--annotate", str(tmp_path / "a"), "-q"]) == 0
+    images = sorted(p.stem for p in samples.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    rows = (tmp_path / "results.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[0] for r in rows) == images
+    assert len(list((tmp_path / "m").iterdir())) == len(images) == len(list((tmp_path / "a").iterdir()))
+    bundle = load_bundle(None)
+    assert sum(p.stat().st_size for p in bundle.path.iterdir() if p.is_file()) < 80e6

@@ -1,0 +1,81 @@
+"""``dermbatch pack``: copy a trained bundle for distribution, optionally with fp16 weight storage.
+
+fp16 storage halves the size (the installed default bundle must fit in git); weights are read back as
+float32, so inference is unchanged apart from the rounding, which is measured: the packed bundle and the
+original run on the same images and the largest probability difference must stay within ``tolerance``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dermbatch.bundle import TASKS, load_bundle, save_weights, write_manifest
+from dermbatch.errors import UsageError
+from dermbatch.predictor import Predictor
+from trainer.card import write_model_card
+
+log = logging.getLogger(__name__)
+COPIED = ("metrics.json", "splits.json", "logs")
+
+
+def parse_half(value: str) -> tuple[str, ...]:
+    """``--half``: "seg,cls", "seg", "cls" or "none" -> the tasks whose weights are stored as float16."""
+    names = {"seg": "segmentation", "cls": "classification"}
+    parts = [p.strip() for p in value.split(",") if p.strip() and p.strip() != "none"]
+    if any(p not in names for p in parts):
+        raise UsageError(f"--half {value!r}: use seg, cls, seg,cls or none")
+    return tuple(names[p] for p in parts)
+
+
+def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_images: Path | None = None,
+                tolerance: float = 1e-3, name: str | None = None) -> dict:
+    """Write ``dst`` from ``src`` with ``half`` tasks' weights in float16; return the check ({"images",
+    "max_prob_diff", ...}) recorded in its manifest."""
+    source = load_bundle(src)
+    if dst.exists() and any(dst.iterdir()):
+        raise UsageError(f"{dst} exists and is not empty; choose a new --out")
+    dst.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for task in TASKS:
+        for fold in source.spec(task).folds:
+            file, digest = save_weights(dst, task, fold, source.read_weights(task, fold), half=task in half)
+            weights[file] = digest
+    for item in COPIED:
+        if (source.path / item).is_dir():
+            shutil.copytree(source.path / item, dst / item)
+        elif (source.path / item).is_file():
+            shutil.copy2(source.path / item, dst / item)
+    manifest = json.loads(json.dumps(source.manifest))
+    manifest["weights"] = dict(sorted(weights.items()))
+    manifest["name"] = name or manifest.get("name") or dst.name
+    packed = {"storage": {task: "float16" if task in half else "float32" for task in TASKS}, "from": source.name}
+    manifest.setdefault("provenance", {})["packed"] = packed
+    write_manifest(dst, manifest)
+    if check_images is not None:
+        packed.update(compare_bundles(source.path, dst, check_images))
+        write_manifest(dst, manifest)
+        if packed["max_prob_diff"] > tolerance:
+            raise UsageError(f"{dst}: probabilities differ from {src} by up to {packed['max_prob_diff']:.2e} "
+                             f"(> {tolerance}); store more in float32 (--half seg, --half none)")
+    write_model_card(dst)
+    log.info("packed %s into %s (%s weights): %s", src, dst, packed["storage"], packed)
+    return packed
+
+
+def compare_bundles(a: Path, b: Path, images: Path) -> dict:
+    """Run both bundles the way ``dermbatch run`` does (torch, CPU, their TTA) on ``images``; compare."""
+    outputs = []
+    for bundle in (a, b):
+        with Predictor(bundle, backend="torch", device="cpu", workers=0) as predictor:
+            outputs.append([(r.image_id, r.probabilities, r.mask) for r in predictor.predict(images) if r.ok])
+    probs = [np.stack([p for _, p, _ in out]) for out in outputs]
+    masks = [[m for _, _, m in out] for out in outputs]
+    changed = [float((x != y).mean()) for x, y in zip(*masks, strict=True)]
+    return {"images": len(probs[0]), "max_prob_diff": float(np.abs(probs[0] - probs[1]).max()),
+            "top1_agreement": float((probs[0].argmax(1) == probs[1].argmax(1)).mean()),
+            "max_mask_pixels_changed": max(changed)}
