@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from dermbatch.bundle import DEFAULT_BUNDLE_DIR
 from dermbatch.cli.main import main
 from dermbatch.explain import blend_heatmap, grad_cam, guided_backprop, heat_in_mask, without_inplace
 
@@ -97,3 +98,28 @@ def test_guided_without_explain_is_a_usage_error(tiny_bundle, image_folder, tmp_
                  "--guided"])
     assert code == 2
     assert "--explain" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (DEFAULT_BUNDLE_DIR / "bundle.json").is_file(), reason="no default bundle installed")
+def test_default_bundle_heatmaps_land_on_the_lesion():
+    """On real HAM10000 images with ground-truth masks: the share of each heatmap's mass inside the true lesion
+    (within the crop) beats the share a uniform map would have (the lesion's share of the crop area)."""
+    from dermbatch.explain import Explainer
+    from dermbatch.predictor import Predictor
+    from tests.conftest import HAM, real_images
+
+    images = real_images(HAM, 4000)[::100]  # 40 images spread over the data set
+    with Predictor(None, backend="torch", device="cpu", workers=0) as predictor:
+        explainer = Explainer(predictor.bundle, predictor.folds["classification"], "cpu")
+        results = [r for r in predictor.predict(images) if r.ok and r.lesion_found]
+        explainer.explain(results)
+    wins = []
+    for r in results:
+        truth = cv2.imread(str(HAM / "masks" / f"{r.image_id}_segmentation.png"), cv2.IMREAD_GRAYSCALE)
+        truth = cv2.resize(truth, r.mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 127
+        x, y, w, h = r.crop_box
+        lesion = truth[y:y + h, x:x + w]
+        wins.append(heat_in_mask(r.heatmap, lesion) > lesion.mean())
+    assert len(results) >= 35
+    assert np.mean(wins) >= 0.7, f"heat on the lesion more than uniform for only {np.mean(wins):.0%} of images"
