@@ -10,13 +10,14 @@ agreement printed here does, so int8 accuracy must be judged on a trained bundle
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import make_bundle, real_images, report
+from benchmarks.common import add_model_option, bench_bundle, real_images, report
 from dermbatch.backends import create_backend
 from dermbatch.bundle import load_bundle
 from dermbatch.pipeline import RunOptions, run
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per model call")
     parser.add_argument("--int8", action="store_true", help="also build and time the int8 engine")
     parser.add_argument("--json", type=Path)
+    add_model_option(parser)
     args = parser.parse_args()
     from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8
     from engines.calibration import calibration_inputs
@@ -59,7 +61,8 @@ def main() -> None:
     images = real_images(args.images)
     rows, extra = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle_path = make_bundle(Path(tmp) / "bundle", args.folds, "none")
+        os.environ["DERMBATCH_CACHE"] = str(Path(tmp) / "cache")  # engines of an installed bundle stay here
+        bundle_path = bench_bundle(args.model, Path(tmp) / "bundle", args.folds, "none")
         bundle = load_bundle(bundle_path)
         data = calibration_inputs(bundle_path, images, limit=args.images)
         build_onnxruntime_fp32(bundle, data)
@@ -78,7 +81,7 @@ def main() -> None:
             speeds["onnxruntime fp32, one session per fold"] = throughput(
                 per_fold_sessions(bundle, task, Path(tmp) / "perfold"), x, 3)
             for name, speed in speeds.items():
-                rows.append({"stage": f"{task} model ({args.folds} folds)", "method": name, "images/s": speed,
+                rows.append({"stage": f"{task} model ({len(folds[task])} folds)", "method": name, "images/s": speed,
                              "vs torch": speed / speeds["torch"]})
         for name in backends:
             out = Path(tmp) / name.replace(" ", "_") / "r.csv"
@@ -96,9 +99,10 @@ def main() -> None:
 
         for precision in precisions:
             extra[f"agreement {precision}"] = find_engine(info, "onnxruntime", precision)[1]["agreement"]
-    extra["command"] = (f"python -m benchmarks.bench_engines --images {args.images} --folds {args.folds} "
+    model = f" --model {args.model}" if args.model else f" --folds {args.folds}"
+    extra["command"] = (f"python -m benchmarks.bench_engines --images {args.images}{model} "
                         f"--batch {args.batch}" + (" --int8" if args.int8 else ""))
-    report(f"Engines on CPU: {len(images)} HAM10000 images, {args.folds} folds, batch {args.batch}, no TTA",
+    report(f"Engines on CPU: {len(images)} HAM10000 images,{model}, batch {args.batch}, no TTA",
            rows, extra, args.json)
 
 

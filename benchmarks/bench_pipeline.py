@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import make_bundle, real_images, report
+from benchmarks.common import add_model_option, bench_bundle, real_images, report
 from dermbatch.backends import create_backend
 from dermbatch.bundle import load_bundle
 from dermbatch.pipeline import RunOptions, run
@@ -42,17 +42,20 @@ def main() -> None:
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "d4"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", type=Path)
+    add_model_option(parser)
     args = parser.parse_args()
     from engines.build import build_onnxruntime_fp32
     from engines.calibration import calibration_inputs
+    from engines.store import find_engine
 
     images = real_images(args.images)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        bundle_path = make_bundle(Path(tmp) / "bundle", args.folds, args.tta)
+        bundle_path = bench_bundle(args.model, Path(tmp) / "bundle", args.folds, args.tta)
         bundle = load_bundle(bundle_path)
         data = calibration_inputs(bundle_path, images, limit=args.images)
-        build_onnxruntime_fp32(bundle, data)
+        if not find_engine(bundle, "onnxruntime", "fp32"):
+            build_onnxruntime_fp32(bundle, data)
         folds = {t: bundle.spec(t).folds for t in ("segmentation", "classification")}
         for name in ("torch", "onnxruntime"):
             backend = create_backend(name, bundle, "cpu", folds)
@@ -64,10 +67,10 @@ def main() -> None:
             e2e = summary.rates()["after_startup"]
             rows.append({"backend": name, "model-only images/s": model, "end-to-end images/s": e2e,
                          "efficiency": e2e / model})
-    report(f"Pipeline efficiency: {len(images)} HAM10000 images, {args.folds} folds, TTA {args.tta}, "
-           f"batch {args.batch}", rows,
-           {"command": f"python -m benchmarks.bench_pipeline --images {args.images} --folds {args.folds} "
-                       f"--tta {args.tta} --batch {args.batch}"}, args.json)
+    model = f" --model {args.model}" if args.model else f" --folds {args.folds}"
+    report(f"Pipeline efficiency: {len(images)} HAM10000 images, {model.strip()}, TTA {args.tta}, batch {args.batch}",
+           rows, {"command": f"python -m benchmarks.bench_pipeline --images {args.images}{model} --tta {args.tta} "
+                             f"--batch {args.batch}"}, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from benchmarks.common import make_bundle, real_images, report
+from benchmarks.common import add_model_option, bench_bundle, real_images, report
 from dermbatch.bundle import load_bundle
 from dermbatch.models import load_fold_model
 from dermbatch.pipeline import RunOptions, run
@@ -71,10 +71,11 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "d4"])
     parser.add_argument("--json", type=Path)
+    add_model_option(parser)
     args = parser.parse_args()
     images = real_images(args.images)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_bundle(Path(tmp) / "bundle", args.folds, args.tta)
+        bundle = bench_bundle(args.model, Path(tmp) / "bundle", args.folds, args.tta)
         timings, outputs = {}, {}
         for name, fn in [("naive per-image loop", lambda: naive_loop(bundle, images, args.tta)),
                          ("predictor, batch 1, no workers", lambda: predictor_batch1(bundle, images, args.tta)),
@@ -88,9 +89,10 @@ def main() -> None:
         diff = max(np.abs(outputs[name][k] - reference[k]).max() for k in reference)
         rows.append({"method": name, "seconds": seconds, "images/s": len(images) / seconds,
                      "speed-up vs naive": timings["naive per-image loop"] / seconds, "max |dp| vs run": float(diff)})
-    report(f"dermbatch run vs per-image loop: {len(images)} HAM10000 images, {args.folds} folds, TTA {args.tta}",
-           rows, {"command": f"python -m benchmarks.bench_run --images {args.images} --folds {args.folds} "
-                             f"--tta {args.tta}"}, args.json)
+    model = f" --model {args.model}" if args.model else f" --folds {args.folds}"
+    report(f"dermbatch run vs per-image loop: {len(images)} HAM10000 images, {model.strip()}, TTA {args.tta}",
+           rows, {"command": f"python -m benchmarks.bench_run --images {args.images}{model} --tta {args.tta}"},
+           args.json)
 
 
 if __name__ == "__main__":

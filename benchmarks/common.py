@@ -29,6 +29,20 @@ def make_bundle(root: Path, folds: int, tta: str) -> Path:
     return root
 
 
+def add_model_option(parser) -> None:
+    parser.add_argument("--model", help="a trained bundle ('default': the installed one) instead of a randomly "
+                                        "initialised bundle of the default architecture (then --folds applies)")
+
+
+def bench_bundle(model: str | None, root: Path, folds: int, tta: str) -> Path:
+    """The bundle to measure: ``--model`` (its own folds), else a random one with ``folds`` folds."""
+    if model:
+        from dermbatch.bundle import load_bundle
+
+        return load_bundle(None if model == "default" else model).path
+    return make_bundle(root, folds, tta)
+
+
 def machine() -> dict:
     import torch
 
