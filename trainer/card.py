@@ -18,6 +18,11 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _command(argv: list[str]) -> str:
+    """The training command line as typed: ``dermbatch …`` whatever path the script had."""
+    return " ".join(["dermbatch", *argv[1:]]) if argv else "–"
+
+
 def write_model_card(bundle_dir: Path) -> Path:
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
     metrics_path = bundle_dir / "metrics.json"
@@ -33,7 +38,7 @@ def write_model_card(bundle_dir: Path) -> Path:
                   f"folds {section['folds']}, TTA {section['tta']}",
                   f"- data: {prov.get('data', '–')} ({prov.get('images', '–')} images), "
                   f"initialisation: {prov.get('pretrained', '–')}",
-                  f"- trained with: `{' '.join(prov.get('command', [])) or '–'}`", ""]
+                  f"- trained with: `{_command(prov.get('command', []))}`", ""]
         m = metrics.get(task)
         if not m:
             continue
