@@ -1,7 +1,8 @@
 """Grad-CAM (Selvaraju et al. 2017) and guided Grad-CAM of the classifier's predicted class over the crop.
 
 Heatmaps are computed with the bundle's torch classifier folds (whatever backend made the prediction),
-one map per fold at the last feature map, each scaled to [0, 1], then averaged over the folds. No TTA:
+one map per fold (at the second-to-last stage of the backbone, see ``target_layer``), each scaled to [0, 1],
+then averaged over the folds. No TTA:
 a heatmap explains the plain view of the crop. The maths are pure functions over a model; drawing is
 apart from them; ``Explainer`` only loads the folds and applies both to pipeline results.
 """
@@ -24,12 +25,35 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 256  # small crops are enlarged so the heatmap stays visible
 
 
+def target_layer(model: nn.Module) -> nn.Module | None:
+    """The layer Grad-CAM reads: for timm's EfficientNet/MobileNet family, the output of the second-to-last stage
+    (``blocks[-2]``); None means the final feature map (``forward_features``).
+
+    Why not the last stage: on the default bundle's fine-tuned classifier, maps from the last stage and the 1x1
+    head put the heat around the lesion, not on it (more heat on the true lesion than a uniform map would put
+    there: 10-15 % of 40 HAM10000 images, against 85 % for ``blocks[-2]``; see the README).
+    """
+    blocks = getattr(model, "blocks", None)
+    return blocks[-2] if isinstance(blocks, nn.Sequential) and len(blocks) >= 2 else None
+
+
 def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """(B, h, w) Grad-CAM of ``classes`` (B,) for a timm classifier: ReLU(sum_k mean(dy/dA_k) * A_k), each map
-    scaled to max 1 (all zeros when nothing speaks for the class)."""
+    """(B, h, w) Grad-CAM of ``classes`` (B,): ReLU(sum_k mean(dy/dA_k) * A_k) over the activations A of
+    ``target_layer(model)``, each map scaled to max 1 (all zeros when nothing speaks for the class)."""
+    layer = target_layer(model)
+    captured: dict[str, torch.Tensor] = {}
     with torch.enable_grad():
-        features = model.forward_features(x.detach().requires_grad_(True))  # a graph even for frozen weights
-        logits = model.forward_head(features)
+        x = x.detach().requires_grad_(True)  # a graph even for frozen weights
+        if layer is None:
+            features = model.forward_features(x)
+            logits = model.forward_head(features)
+        else:
+            handle = layer.register_forward_hook(lambda _m, _inputs, output: captured.__setitem__("a", output))
+            try:
+                logits = model(x)
+            finally:
+                handle.remove()
+            features = captured["a"]
         score = logits.gather(1, classes[:, None]).sum()
         (grads,) = torch.autograd.grad(score, features)
     cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(1)).detach()

@@ -38,6 +38,28 @@ def test_grad_cam_equals_the_closed_form():
         np.testing.assert_allclose(cam[b], expected / expected.max(), rtol=1e-5, atol=1e-6)
 
 
+class Staged(nn.Module):
+    """timm-like stages: Grad-CAM reads blocks[-2], whose output here is the input, then pool + linear."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Identity(), nn.ReLU())
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.fc.weight.data = weight
+
+    def forward(self, x):
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def test_grad_cam_reads_the_second_to_last_stage():
+    rng = np.random.default_rng(1)
+    weight = torch.tensor(rng.normal(size=(3, 4)), dtype=torch.float32)
+    x = torch.tensor(rng.random((2, 4, 5, 6)), dtype=torch.float32) + 0.1  # positive: the last ReLU passes all
+    classes = torch.tensor([1, 2])
+    np.testing.assert_allclose(grad_cam(Staged(weight), x, classes).numpy(),
+                               grad_cam(PoolLinear(weight), x, classes).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_grad_cam_peaks_where_the_class_evidence_is():
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     x = torch.zeros(1, 2, 8, 8)
