@@ -136,12 +136,12 @@ def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
         predictor = Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
                               folds=options.folds, batch_size=options.batch_size, workers=options.workers,
                               precision=options.precision)
-        explainer = None
-        if options.explain is not None:
-            explainer = Explainer(predictor.bundle, predictor.folds["classification"], options.device,
-                                  options.guided, predictor.describe()["backend"])
-        summary.startup = time.perf_counter() - load_start
         with predictor:
+            explainer = None
+            if options.explain is not None:
+                explainer = Explainer(predictor.bundle, predictor.folds["classification"], options.device,
+                                      options.guided, predictor.describe()["backend"])
+            summary.startup = time.perf_counter() - load_start
             writer = OutputWriter(CsvAppender(options.out, RESULT_COLUMNS, keep_results),
                                   CsvAppender(options.details, DETAIL_COLUMNS, keep_details),
                                   masks=options.masks, annotate=options.annotate, crops=options.crops,

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from dermbatch.annotate import draw_annotation
+from dermbatch.errors import OutputError
 from dermbatch.explain import blend_heatmap
 from dermbatch.outputs import output_path, write_bytes_atomic
 
@@ -84,7 +85,7 @@ def report_entries(folder: Path, results_csv: Path, details_csv: Path, classes: 
         for kind in THUMB_KINDS:
             try:
                 path = thumb_path(folder, image_id, kind)
-            except Exception:  # an id that cannot be a file name has no thumbnails
+            except OutputError:  # an id that cannot be a file name has no thumbnails
                 break
             if path.exists():
                 thumbs[kind] = path.relative_to(folder).as_posix()
