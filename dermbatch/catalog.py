@@ -42,9 +42,14 @@ def summary(bundle: Bundle) -> dict:
         out[task] = entry
     out["crop"] = vars(bundle.crop)
     out["preprocessing"] = vars(bundle.preprocessing)
-    engines = bundle.path / "engines"
-    built = engines.iterdir() if engines.is_dir() else []
-    out["engines"] = sorted(p.name for p in built if (p / "engine.json").exists())
+    try:
+        from engines.store import engine_roots  # the bundle's own folder and the per-user cache
+
+        roots = engine_roots(bundle)
+    except ImportError:  # a core-only install
+        roots = [bundle.path / "engines"]
+    out["engines"] = sorted({p.name for root in roots if root.is_dir() for p in root.iterdir()
+                             if (p / "engine.json").exists()})
     out["model_card"] = str(bundle.path / "README.md") if (bundle.path / "README.md").exists() else None
     return out
 
