@@ -64,6 +64,8 @@ def write_model_card(bundle_dir: Path) -> Path:
                  if "images" in packed else "")
         storage = ", ".join(f"{task} {kind}" for task, kind in packed["storage"].items())
         lines += ["## Storage", "", f"Weights stored as: {storage} (read back as float32){check}.", ""]
+        if packed.get("note"):
+            lines += ["## Notes", "", packed["note"], ""]
     path = bundle_dir / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -33,7 +33,7 @@ def parse_half(value: str) -> tuple[str, ...]:
 
 
 def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_images: Path | None = None,
-                tolerance: float = 1e-3, name: str | None = None) -> dict:
+                tolerance: float = 1e-3, name: str | None = None, note: str | None = None) -> dict:
     """Write ``dst`` from ``src`` with ``half`` tasks' weights in float16; return the check ({"images",
     "max_prob_diff", ...}) recorded in its manifest."""
     source = load_bundle(src)
@@ -54,6 +54,8 @@ def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_image
     manifest["weights"] = dict(sorted(weights.items()))
     manifest["name"] = name or manifest.get("name") or dst.name
     packed = {"storage": {task: "float16" if task in half else "float32" for task in TASKS}, "from": source.name}
+    if note:
+        packed["note"] = note
     manifest.setdefault("provenance", {})["packed"] = packed
     write_manifest(dst, manifest)
     if check_images is not None:

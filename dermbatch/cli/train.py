@@ -167,11 +167,13 @@ def pack_command(
     check_images: Path | None = typer.Option(None, help="Images to compare the packed bundle with the original."),
     tolerance: float = typer.Option(1e-3, help="Largest probability difference accepted by the check."),
     name: str | None = typer.Option(None, help="Bundle name [default: the original's]."),
+    note: str | None = typer.Option(None, help="A note for the model card (how the training deviated, …)."),
 ) -> int:
     """Copy a trained bundle for distribution (weights, manifest, metrics, splits, logs, model card)."""
     from trainer.package import pack_bundle, parse_half
 
     setup_logging()
-    pack_bundle(model, out, half=parse_half(half), check_images=check_images, tolerance=tolerance, name=name)
+    pack_bundle(model, out, half=parse_half(half), check_images=check_images, tolerance=tolerance, name=name,
+                note=note)
     typer.echo(str(out))
     return 0
