@@ -102,14 +102,19 @@ def guided_image(gradients: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return (np.clip(g, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
+def enlarge(image: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
+    """``image`` scaled up (never down) so its shorter side is at least ``min_side`` pixels."""
+    scale = max(1.0, min_side / min(image.shape[:2]))
+    if scale == 1.0:
+        return image
+    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+
+
 def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """The heatmap (values in [0, 1], any size) in the JET colour map over ``rgb``; BGR uint8 for cv2.imencode,
     enlarged to at least ``MIN_SIDE`` pixels on the shorter side."""
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    scale = max(1.0, MIN_SIDE / min(bgr.shape[:2]))
-    if scale > 1.0:
-        bgr = cv2.resize(bgr, (round(bgr.shape[1] * scale), round(bgr.shape[0] * scale)),
-                         interpolation=cv2.INTER_LINEAR)
+    bgr = enlarge(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     heat = cv2.resize(heat.astype(np.float32), (bgr.shape[1], bgr.shape[0]), interpolation=cv2.INTER_LINEAR)
     colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.addWeighted(colour, alpha, bgr, 1 - alpha, 0)

@@ -8,7 +8,6 @@ usable; nothing is fetched from the network.
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import time
@@ -21,7 +20,7 @@ import numpy as np
 from dermbatch.annotate import draw_annotation
 from dermbatch.errors import OutputError
 from dermbatch.explain import blend_heatmap
-from dermbatch.outputs import output_path, write_bytes_atomic
+from dermbatch.outputs import output_path, read_complete_rows, write_bytes_atomic
 
 THUMB_WIDTH = 240
 LOW_CONFIDENCE = 0.5  # flagged below this top-class probability
@@ -62,10 +61,7 @@ def thumb_path(folder: Path, image_id: str, kind: str) -> Path:
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_complete_rows(path) if path.exists() else []
 
 
 def report_entries(folder: Path, results_csv: Path, details_csv: Path, classes: tuple[str, ...]) -> list[dict]:

@@ -15,7 +15,7 @@ import cv2
 
 from dermbatch.annotate import draw_annotation
 from dermbatch.errors import OutputError
-from dermbatch.explain import MIN_SIDE, blend_heatmap
+from dermbatch.explain import blend_heatmap, enlarge
 from dermbatch.outputs import CsvAppender, detail_row, output_path, result_row, write_bytes_atomic
 from dermbatch.predictor import Result
 from dermbatch.report import thumb_path, thumbnails
@@ -113,10 +113,8 @@ class OutputWriter:
             _write_image(output_path(explain, result.image_id, "_gradcam.jpg"),
                          blend_heatmap(result.crop, result.heatmap))
         if explain is not None and result.guided is not None:
-            guided = cv2.cvtColor(result.guided, cv2.COLOR_RGB2BGR)
-            scale = max(1.0, MIN_SIDE / min(guided.shape[:2]))
-            guided = cv2.resize(guided, (round(guided.shape[1] * scale), round(guided.shape[0] * scale)))
-            _write_image(output_path(explain, result.image_id, "_guided_gradcam.jpg"), guided)
+            _write_image(output_path(explain, result.image_id, "_guided_gradcam.jpg"),
+                         enlarge(cv2.cvtColor(result.guided, cv2.COLOR_RGB2BGR)))
         if self.report is not None:
             for kind, image in thumbnails(result).items():
                 _write_image(thumb_path(self.report, result.image_id, kind), image)

@@ -22,6 +22,7 @@ from engines.store import engine_key, find_engine, fingerprint, writable_root, w
 
 log = logging.getLogger(__name__)
 TASKS = ("segmentation", "classification")
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "sample_images"  # present in a source checkout
 
 
 def resolve_target(target: str, precision: str | None) -> tuple[str, str]:
@@ -134,7 +135,7 @@ def build_engine(model: str | None, target: str = "auto", precision: str | None 
 def build_first_use_engine(bundle: Bundle) -> Path:
     """The ONNX Runtime fp32 engine of the installed default bundle, checked against torch on the sample images
     when they are at hand (a source checkout), else on seeded noise (the check is numeric either way)."""
-    folder = Path(__file__).resolve().parents[1] / "sample_images"
+    folder = SAMPLE_IMAGES
     if folder.is_dir():
         data = calibration_inputs(bundle.path, folder, limit=16)
     else:
@@ -144,7 +145,7 @@ def build_first_use_engine(bundle: Bundle) -> Path:
 
 
 def _sample_images() -> Path:
-    folder = Path(__file__).resolve().parents[1] / "sample_images"
+    folder = SAMPLE_IMAGES
     if not folder.is_dir():
         raise UsageError("pass --calibration DIR with a few real images to check the engine against")
     return folder

@@ -66,6 +66,22 @@ def real_images(dataset: Path, count: int) -> list[Path]:
     return sorted((dataset / "images").glob("*.jpg"))[:count]
 
 
+def ham_per_class(folder: Path, per_class: int):
+    """Symlink the first ``per_class`` HAM10000 images of each class into ``folder``; return (ids, labels frame
+    indexed by image_id). Skips when the data are absent."""
+    import pandas as pd
+
+    from dermbatch.bundle import CLASSES
+
+    real_images(HAM, 1)
+    labels = pd.read_csv(HAM / "labels.csv").set_index("image_id")
+    ids = [i for c in CLASSES for i in labels.index[labels["label"] == c][:per_class]]
+    folder.mkdir()
+    for image_id in ids:
+        (folder / f"{image_id}.jpg").symlink_to(HAM / "images" / f"{image_id}.jpg")
+    return ids, labels
+
+
 class Browser:
     """Headless Chromium through Selenium: load a local page, read its console, take screenshots."""
 

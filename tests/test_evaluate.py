@@ -3,12 +3,11 @@
 import json
 import shutil
 
-import pandas as pd
 import pytest
 
 from dermbatch.bundle import CLASSES
 from dermbatch.cli.main import main
-from tests.conftest import HAM, ISIC_SEG, real_images
+from tests.conftest import HAM, ISIC_SEG, ham_per_class, real_images
 
 pytestmark = pytest.mark.realdata
 
@@ -34,12 +33,7 @@ def test_segmentation_scores_equal_the_official_scorer(tiny_bundle, tmp_path):
 def test_classification_scores_equal_the_official_scorer(tiny_bundle, tmp_path):
     from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 
-    real_images(HAM, 1)
-    labels = pd.read_csv(HAM / "labels.csv").set_index("image_id")
-    ids = [i for c in CLASSES for i in labels.index[labels["label"] == c][:3]]
-    (tmp_path / "in").mkdir()
-    for image_id in ids:
-        (tmp_path / "in" / f"{image_id}.jpg").symlink_to(HAM / "images" / f"{image_id}.jpg")
+    ids, labels = ham_per_class(tmp_path / "in", 3)
     truth = labels.loc[ids, list(CLASSES)].rename_axis("image")
     truth.to_csv(tmp_path / "truth.csv")
     assert main(["evaluate", "--images", str(tmp_path / "in"), "--labels", str(tmp_path / "truth.csv"),

@@ -11,7 +11,7 @@ import pytest
 from dermbatch.bundle import CLASSES
 from dermbatch.cli.main import main
 from dermbatch.report import report_entries, write_report
-from tests.conftest import HAM, real_images
+from tests.conftest import HAM, ham_per_class, real_images
 
 
 def _write_csv(path, columns, rows):
@@ -109,14 +109,7 @@ def test_report_stays_paginated_for_ten_thousand_images(browser, tmp_path):
 
 @pytest.mark.realdata
 def test_evaluation_report_renders_in_chromium(tiny_bundle, browser, tmp_path):
-    import pandas as pd
-
-    real_images(HAM, 1)
-    labels = pd.read_csv(HAM / "labels.csv").set_index("image_id")
-    ids = [i for c in CLASSES for i in labels.index[labels["label"] == c][:2]]
-    (tmp_path / "in").mkdir()
-    for image_id in ids:
-        (tmp_path / "in" / f"{image_id}.jpg").symlink_to(HAM / "images" / f"{image_id}.jpg")
+    ids, labels = ham_per_class(tmp_path / "in", 2)
     labels.loc[ids].reset_index()[["image_id", "label"]].to_csv(tmp_path / "labels.csv", index=False)
     shutil.copytree(HAM / "masks", tmp_path / "masks", ignore=lambda d, names: [
         n for n in names if n.split("_segmentation")[0] not in ids])

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from dermbatch.outputs import write_bytes_atomic
+from trainer.metrics import headline
 
 EXAMPLES_PER_PAIR = 4
 PAIRS = 3
@@ -158,15 +159,11 @@ def write_html(out: Path, report: dict, figures: list[tuple[str, str]]) -> Path:
              f"</b> · images: {html.escape(str(report['images']))} · processed {report['processed']}, "
              f"failed {report['failed']}</p>"]
     if "segmentation" in report:
-        s = report["segmentation"]
-        lines.append(f"<h2>Segmentation</h2><p>thresholded Jaccard <b>{s['thresholded_jaccard']:.4f}</b>, "
-                     f"Jaccard {s['jaccard']:.4f}, Dice {s['dice']:.4f} ({s['images']} images)</p>")
+        lines.append(f"<h2>Segmentation</h2><p>{headline('segmentation', report['segmentation'])}</p>")
     if "classification" in report:
         c = report["classification"]
-        lines.append(f"<h2>Classification</h2><p>balanced accuracy <b>{c['balanced_accuracy']:.4f}</b>, macro AUC "
-                     f"{c['macro_auc']:.4f}, accuracy {c['accuracy']:.4f}, ECE {c['ece']:.4f} "
-                     f"({c['images']} images)</p><table><tr><th>class</th><th>recall</th><th>precision</th>"
-                     "<th>AUC</th><th>n</th></tr>")
+        lines.append(f"<h2>Classification</h2><p>{headline('classification', c)}</p><table><tr><th>class</th>"
+                     "<th>recall</th><th>precision</th><th>AUC</th><th>n</th></tr>")
         for name, v in c["per_class"].items():
             auc = "–" if v["auc"] is None else f"{v['auc']:.3f}"
             lines.append(f"<tr><td>{name}</td><td>{v['recall']:.3f}</td><td>{v['precision']:.3f}</td>"

@@ -6,7 +6,6 @@ classes from its results CSV. ``report.html`` (see ``trainer.eval_report``) goes
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import cv2
 import numpy as np
 
 from dermbatch.bundle import CLASSES
+from dermbatch.outputs import read_complete_rows
 from dermbatch.pipeline import RunOptions, run
 from trainer import eval_report
 from trainer.data import find_mask, read_labels
@@ -29,7 +29,7 @@ def evaluate(model: str | None, images: Path, out: Path, masks: Path | None = No
                          explain=out / "explain" if labels and explain else None, overwrite=True, **run_options)
     summary = run(options)
     report: dict = {"model": model, "images": str(images), "processed": summary.ok, "failed": summary.failed}
-    paths = {row["image"]: Path(row["path"]) for row in _read_csv(options.details) if row["status"] == "ok"}
+    paths = {row["image"]: Path(row["path"]) for row in read_complete_rows(options.details) if row["status"] == "ok"}
     figures: list[tuple[str, str]] = []
     if masks is not None:
         scores = _mask_scores(out / "masks", masks)
@@ -37,7 +37,7 @@ def evaluate(model: str | None, images: Path, out: Path, masks: Path | None = No
         figures += _segmentation_figures(out, scores, paths)
     if labels is not None:
         truth = read_labels(labels)
-        rows = [r for r in _read_csv(options.out) if r["image"] in truth]
+        rows = [r for r in read_complete_rows(options.out) if r["image"] in truth]
         probs = np.array([[float(r[c]) for c in CLASSES] for r in rows])
         targets = np.array([truth[r["image"]][0] for r in rows])
         report["classification"] = classification_metrics(probs, targets)
@@ -46,11 +46,6 @@ def evaluate(model: str | None, images: Path, out: Path, masks: Path | None = No
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
     eval_report.write_html(out, report, figures)
     return report
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _mask_scores(predicted_dir: Path, masks: Path) -> list[tuple[str, float, Path, Path]]:

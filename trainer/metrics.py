@@ -68,3 +68,12 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes=CLASSE
         "most_confused": [{"truth": t, "predicted": p, "count": n} for n, t, p in pairs[:5] if n > 0],
         "ece": expected_calibration_error(probs, labels),
     }
+
+
+def headline(task: str, m: dict) -> str:
+    """The one-line summary of a task's metrics, as the CLI and the evaluation report print it."""
+    if task == "segmentation":
+        return (f"thresholded Jaccard {m['thresholded_jaccard']:.4f}, Jaccard {m['jaccard']:.4f}, "
+                f"Dice {m['dice']:.4f} ({m['images']} images)")
+    return (f"balanced accuracy {m['balanced_accuracy']:.4f}, macro AUC {m['macro_auc']:.4f}, "
+            f"accuracy {m['accuracy']:.4f}, ECE {m['ece']:.4f} ({m['images']} images)")

@@ -138,22 +138,17 @@ def evaluate_command(
 ) -> int:
     """Run the pipeline on images with ground truth; write the ISIC metrics and an HTML report with plots."""
     from trainer.evaluate import evaluate
+    from trainer.metrics import headline
 
     setup_logging()
     if masks is None and labels is None:
         raise UsageError("evaluate needs --masks and/or --labels to score against")
     report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, explain=explain,
-                      tta=tta, folds=folds,
-                      batch_size=batch_size, workers=workers, device=device, backend=backend,
+                      tta=tta, folds=folds, batch_size=batch_size, workers=workers, device=device, backend=backend,
                       precision=None if precision == "auto" else precision)
-    if "segmentation" in report:
-        s = report["segmentation"]
-        stderr.print(f"segmentation: thresholded Jaccard {s['thresholded_jaccard']:.4f}, Jaccard {s['jaccard']:.4f}, "
-                     f"Dice {s['dice']:.4f} ({s['images']} images)")
-    if "classification" in report:
-        c = report["classification"]
-        stderr.print(f"classification: balanced accuracy {c['balanced_accuracy']:.4f}, macro AUC {c['macro_auc']:.4f},"
-                     f" accuracy {c['accuracy']:.4f} ({c['images']} images)")
+    for task in ("segmentation", "classification"):
+        if task in report:
+            stderr.print(f"{task}: {headline(task, report[task])}")
     typer.echo(str(out / "evaluation.json"))
     typer.echo(str(out / "report.html"))
     return 3 if report["failed"] else 0
