@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import trainer.fit
 from dermbatch.cli.main import main
@@ -111,3 +112,35 @@ def test_official_isic_layout_trains_both_and_crops_with_the_trained_segmenter(t
     predicted = list(cache.glob("predicted-masks-*/*.png"))
     assert len(predicted) == len(labels)  # every Task 3 image was cropped with a predicted mask
     assert json.loads((out / "splits.json").read_text())["classification"]["grouped_by"] == "lesion_id"
+
+
+def test_warm_start_begins_each_fold_from_the_same_fold_and_refuses_another_split(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import trainer.train
+    from dermbatch.errors import UsageError
+
+    real_images(HAM, 1)
+    cache = tmp_path / "cache"
+    first = train_task(_plan(tmp_path / "a", cache, epochs=1))
+    starts, original = {}, trainer.train.fit_fold
+
+    def record_start(model, spec, train_set, val_set, loss, cfg, fold, *rest):
+        starts[fold] = {k: v.clone() for k, v in model.state_dict().items()}
+        return original(model, spec, train_set, val_set, loss, cfg, fold, *rest)
+
+    monkeypatch.setattr(trainer.train, "fit_fold", record_start)
+    plan = _plan(tmp_path / "b", cache, epochs=1)
+    plan.warm_start = tmp_path / "a"
+    metrics = train_task(plan)
+    assert sorted(starts) == [0, 1] and metrics["images"] == first["images"]
+    for fold, state in starts.items():
+        source = load_file(str(tmp_path / "a" / f"cls_fold{fold}.safetensors"))
+        assert all(torch.equal(state[k], source[k]) for k in source)
+    assert json.loads((tmp_path / "b" / "bundle.json").read_text())["provenance"]["classification"]["warm_start"]
+
+    other = _plan(tmp_path / "c", cache, epochs=1)
+    other.fit.seed = 4  # another seed: another split, so fold k of "a" has seen fold k's images here
+    other.warm_start = tmp_path / "a"
+    with pytest.raises(UsageError, match="split differs"):
+        train_task(other)

@@ -43,7 +43,7 @@ from trainer.masks import predict_missing_masks
 from trainer.metrics import classification_metrics, segmentation_metrics
 from trainer.oof import classification_oof, read_rows, segmentation_oof, write_rows
 from trainer.pretrained import load_pretrained
-from trainer.splits import load_or_make
+from trainer.splits import SPLITS_FILE, load_or_make
 
 log = logging.getLogger(__name__)
 DEFAULT_INPUT = {"segmentation": 256, "classification": 224}
@@ -59,6 +59,7 @@ class TaskOptions:
     architecture: str | None = None
     encoder: str = "tf_efficientnet_lite0"
     pretrained: str = "imagenet"
+    warm_start: Path | None = None
     tta: str = "flip"
     crop: CropSpec = field(default_factory=CropSpec)
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
@@ -95,11 +96,39 @@ def _update_manifest(opts: TaskOptions, spec: ModelSpec, done_folds: list[int], 
 
 
 def new_model(opts: TaskOptions, spec: ModelSpec, fold: int) -> torch.nn.Module:
-    """A seeded model for ``fold`` with its backbone initialised from ``opts.pretrained``."""
+    """A seeded model for ``fold``: its backbone initialised from ``opts.pretrained``, or the whole model from
+    the same fold of the ``opts.warm_start`` bundle."""
     torch.manual_seed(derived_seed(opts.fit.seed, fold, 0, 3))
     model = build_model(spec, num_classes=len(CLASSES))
-    load_pretrained(model, opts.task, spec.encoder, opts.pretrained)
+    if opts.warm_start is None:
+        load_pretrained(model, opts.task, spec.encoder, opts.pretrained)
+        return model
+    from safetensors.torch import load_file
+
+    path = opts.warm_start / f"{'seg' if opts.task == 'segmentation' else 'cls'}_fold{fold}.safetensors"
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
+    log.info("%s fold %d: warm start from %s", opts.task, fold, path)
     return model
+
+
+def check_warm_start(opts: TaskOptions, spec: ModelSpec, fold_of: dict[str, int]) -> None:
+    """A warm start must come from a bundle with the same model and the same split: each fold's model then
+    has still never seen its held-out images, and the out-of-fold metrics stay honest."""
+    source = load_bundle(opts.warm_start)
+    theirs = source.segmentation if opts.task == "segmentation" else source.classification
+    if theirs is None or theirs.encoder != spec.encoder or theirs.architecture != spec.architecture:
+        raise UsageError(f"--warm-start {opts.warm_start}: no {opts.task} model with encoder {spec.encoder}")
+    if (theirs.mean, theirs.std) != (spec.mean, spec.std):
+        raise UsageError(f"--warm-start {opts.warm_start}: its {opts.task} model uses another input normalisation")
+    if sorted(theirs.folds) != list(range(opts.folds)):
+        raise UsageError(f"--warm-start {opts.warm_start}: it has {opts.task} folds {list(theirs.folds)}, "
+                         f"this run needs 0..{opts.folds - 1}")
+    splits = opts.warm_start / SPLITS_FILE
+    saved = json.loads(splits.read_text()).get(opts.task, {}) if splits.exists() else {}
+    if {k: int(v) for k, v in saved.get("fold_of", {}).items()} != fold_of:
+        raise UsageError(f"--warm-start {opts.warm_start}: its {opts.task} split differs from this run's; "
+                         "its models have seen this run's held-out images (same data, --folds and --seed needed)")
 
 
 def make_loss(opts: TaskOptions, train_items: list[Item]) -> torch.nn.Module:
@@ -136,6 +165,8 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
     groups = [i.group or i.image_id for i in opts.items]
     fold_of = load_or_make(opts.out, opts.task, [i.image_id for i in opts.items], opts.folds, opts.fit.seed,
                            labels, groups if any(i.group for i in opts.items) else None)
+    if opts.warm_start is not None:
+        check_warm_start(opts, spec, fold_of)
     previous = _existing_manifest(opts.out)
     section = (previous or {}).get(opts.task) or {}
     _check_compatible(opts, spec, previous, section)
@@ -145,7 +176,8 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
                if name.startswith(prefix) and int(re.search(r"fold(\d+)", name).group(1)) in done}
     cache = opts.cache_dir or default_cache_dir()
     provenance = {"command": sys.argv, "data": opts.data_description, "images": len(opts.items),
-                  "pretrained": opts.pretrained, "fit": asdict(opts.fit), "class_weights": opts.class_weights,
+                  "pretrained": opts.pretrained,
+                  "warm_start": str(opts.warm_start) if opts.warm_start else None, "fit": asdict(opts.fit), "class_weights": opts.class_weights,
                   "focal_gamma": opts.focal_gamma, "label_smoothing": opts.label_smoothing,
                   "torch": torch.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for fold in range(opts.folds):

@@ -27,6 +27,8 @@ def train_command(
     input_size: int | None = typer.Option(None, help="Square input size [default: seg 256, cls 224]."),
     encoder: str = typer.Option("tf_efficientnet_lite0", help="timm model name (smp 'tu-' encoder for seg)."),
     pretrained: str = typer.Option("imagenet", help="none | imagenet | PATH to a weights file."),
+    warm_start: Path | None = typer.Option(None, "--warm-start", help="Start each fold from the same fold of "
+                                           "this bundle (same model and split): train longer in a new run."),
     lr: float = typer.Option(1e-3, help="Head learning rate (the backbone gets lr x --backbone-lr-mult)."),
     backbone_lr_mult: float = typer.Option(0.1, help="Differential learning rate of the pretrained backbone."),
     head_warmup_epochs: int = typer.Option(0, help="Epochs training only the head (backbone frozen)."),
@@ -65,8 +67,8 @@ def train_command(
                head_warmup_epochs=head_warmup_epochs, sgdr_cycle_epochs=sgdr_cycle, patience=patience,
                balanced_sampling=balanced_sampling, seed=seed, workers=workers, device=str(resolve_device(device)))
     plans = plan_tasks(TASKS[task], out=out, data=data, images=images, masks=masks, labels=labels, folds=folds,
-                       input_size=input_size, encoder=encoder, pretrained=pretrained, tta=tta,
-                       class_weights=class_weights, focal_gamma=focal_gamma, label_smoothing=label_smoothing,
+                       input_size=input_size, encoder=encoder, pretrained=pretrained, warm_start=warm_start,
+                       tta=tta, class_weights=class_weights, focal_gamma=focal_gamma, label_smoothing=label_smoothing,
                        limit=limit, cache=cache, resume=resume, fit=fit,
                        preprocessing=PreprocessSpec(color_constancy=color_constancy, gamma=gamma))
     from trainer.train import train_task
