@@ -176,8 +176,8 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
                if name.startswith(prefix) and int(re.search(r"fold(\d+)", name).group(1)) in done}
     cache = opts.cache_dir or default_cache_dir()
     provenance = {"command": sys.argv, "data": opts.data_description, "images": len(opts.items),
-                  "pretrained": opts.pretrained,
-                  "warm_start": str(opts.warm_start) if opts.warm_start else None, "fit": asdict(opts.fit), "class_weights": opts.class_weights,
+                  "pretrained": opts.pretrained, "warm_start": str(opts.warm_start) if opts.warm_start else None,
+                  "fit": asdict(opts.fit), "class_weights": opts.class_weights,
                   "focal_gamma": opts.focal_gamma, "label_smoothing": opts.label_smoothing,
                   "torch": torch.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for fold in range(opts.folds):
