@@ -32,7 +32,7 @@ from dermbatch.writer import OutputWriter
 log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = ("torch", "timm", "segmentation-models-pytorch", "opencv-python-headless", "opencv-python",
-                      "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "safetensors")
+                      "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "safetensors")
 
 
 @dataclass

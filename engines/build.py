@@ -1,6 +1,7 @@
 """``dermbatch build-engine``: export, compile and check engines for a bundle, stored beside it.
 
-One linear function per target: ONNX Runtime (fp32 graph; int8 quantised from it) and TensorRT (FP16 plan).
+One linear function per target: ONNX Runtime (fp32 graph; int8 quantised from it), OpenVINO (its IR converted
+from that graph, run in fp32 or bf16) and TensorRT (FP16 plan).
 Each engine is checked against its reference on real images at build time and the agreement is recorded.
 """
 
@@ -33,10 +34,10 @@ def resolve_target(target: str, precision: str | None) -> tuple[str, str]:
         available, reason = tensorrt_available()
         target = "tensorrt" if available else "onnxruntime"
         log.info("build-engine: target %s (%s)", target, "TensorRT and a CUDA GPU found" if available else reason)
-    if target not in ("onnxruntime", "tensorrt"):
-        raise UsageError(f"--target {target!r}: choose auto, onnxruntime or tensorrt")
+    if target not in ("onnxruntime", "openvino", "tensorrt"):
+        raise UsageError(f"--target {target!r}: choose auto, onnxruntime, openvino or tensorrt")
     precision = precision or ("fp16" if target == "tensorrt" else "fp32")
-    allowed = {"onnxruntime": ("fp32", "int8"), "tensorrt": ("fp16", "fp32")}[target]
+    allowed = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16", "fp32")}[target]
     if precision not in allowed:
         raise UsageError(f"--precision {precision} is not built for {target}; choose {', '.join(allowed)}")
     return target, precision
@@ -49,13 +50,21 @@ def _info(bundle: Bundle, target: str, precision: str, folder: Path, agreement: 
     tasks = {}
     for task in TASKS:
         spec = bundle.spec(task)
-        file = next(p.name for p in folder.iterdir() if p.stem == task and p.suffix in (".onnx", ".plan"))
+        file = next(p.name for p in folder.iterdir() if p.stem == task and p.suffix in (".onnx", ".xml", ".plan"))
         tasks[task] = {"file": file, "sha256": sha256_file(folder / file), "folds": list(spec.folds),
                        "input_size": list(spec.input_size), "layout": "stacked-folds"}
     return {"target": target, "precision": precision, "bundle": bundle.name,
             "weights_fingerprint": fingerprint(bundle), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
+            "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__} | _openvino_version(),
             "tasks": tasks, "agreement": agreement, **(extra or {})}
+
+
+def _openvino_version() -> dict:
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    return {"openvino": openvino.__version__}
 
 
 def build_onnxruntime_fp32(bundle: Bundle, calibration: dict[str, np.ndarray]) -> Path:
@@ -99,6 +108,38 @@ def build_onnxruntime_int8(bundle: Bundle, calibration: dict[str, np.ndarray], m
     return folder
 
 
+def build_openvino(bundle: Bundle, precision: str, calibration: dict[str, np.ndarray], min_agreement: float) -> Path:
+    """OpenVINO IR converted from the ONNX Runtime fp32 graph (fp32 weights kept), checked against that graph's
+    outputs on real images and refused below ``min_agreement`` (top-1 agreement / mean mask IoU)."""
+    import onnxruntime as ort
+
+    from engines.openvino_backend import compile_model, require_openvino
+
+    ov = require_openvino()
+    core = ov.Core()
+    fp32 = find_engine(bundle, "onnxruntime", "fp32")
+    onnx_folder = fp32[0] if fp32 else build_onnxruntime_fp32(bundle, calibration)
+    folder = writable_root(bundle) / engine_key("openvino", precision)
+    folder.mkdir(parents=True, exist_ok=True)
+    agreement = {}
+    for task in TASKS:
+        source = onnx_folder / f"{task}.onnx"
+        path = folder / f"{task}.xml"
+        ov.save_model(ov.convert_model(str(source)), str(path), compress_to_fp16=False)
+        request = compile_model(core, path, precision).create_infer_request()
+        reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(
+            None, {INPUT: calibration[task]})[0]
+        agreement[task] = _agreement(task, reference, request.infer({0: calibration[task]})[0])
+        log.info("openvino %s %s vs onnxruntime fp32: %s", precision, task, agreement[task])
+    worst = min(agreement["segmentation"]["mean_mask_iou"], agreement["classification"]["top1_agreement"])
+    if worst < min_agreement:
+        shutil.rmtree(folder)
+        raise BackendError(f"OpenVINO {precision} engine disagrees with fp32 too much ({worst:.3f} < "
+                           f"--min-agreement {min_agreement}); not kept. Use --precision fp32")
+    write_info(folder, _info(bundle, "openvino", precision, folder, agreement))
+    return folder
+
+
 def _agreement(task: str, reference: np.ndarray, other: np.ndarray) -> dict:
     """Fold-averaged outputs compared the way the pipeline uses them."""
     result = {"max_abs_diff": float(np.abs(reference - other).max())}
@@ -127,6 +168,8 @@ def build_engine(model: str | None, target: str = "auto", precision: str | None 
         if precision == "int8":
             return build_onnxruntime_int8(bundle, data, min_agreement)
         return build_onnxruntime_fp32(bundle, data)
+    if target == "openvino":
+        return build_openvino(bundle, precision, data, min_agreement)
     from engines.tensorrt_build import build_tensorrt
 
     return build_tensorrt(bundle, precision, batch, data, device)

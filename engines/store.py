@@ -45,8 +45,8 @@ def writable_root(bundle: Bundle) -> Path:
 
 
 def find_engine(bundle: Bundle, target: str, precision: str | None = None, device_tag: str | None = None):
-    """(folder, engine.json) of a matching engine, preferring int8, then fp16, then fp32; None when absent."""
-    for wanted in ([precision] if precision else ["int8", "fp16", "fp32"]):
+    """(folder, engine.json) of a matching engine, preferring int8, then bf16, fp16, fp32; None when absent."""
+    for wanted in ([precision] if precision else ["int8", "bf16", "fp16", "fp32"]):
         for root in engine_roots(bundle):
             folder = root / engine_key(target, wanted, device_tag)
             info = read_info(folder)

@@ -147,3 +147,62 @@ def test_tensorrt_fp16_plan_reproduces_torch(tiny_bundle, tmp_path):
             for b, p in outs.items()}
     for a, b in zip(rows["torch"], rows["tensorrt"], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-2)
+
+
+def _run_rows(images, out, bundle, backend, precision="auto"):
+    assert main(["run", *map(str, images), "--out", str(out), "--model", str(bundle), "--backend", backend,
+                 "--precision", precision, "--masks", str(out.parent / "masks"), "-q"]) == 0
+    return {line.split(",")[0]: np.array(line.split(",")[1:], float) for line in out.read_text().splitlines()[1:]}
+
+
+def _cpu_has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_openvino_engines_reproduce_onnxruntime_and_auto_prefers_them(engine_bundle, tmp_path, caplog):
+    import logging
+
+    pytest.importorskip("openvino")
+    from dermbatch.backends import resolve_backend_name
+    from dermbatch.bundle import load_bundle
+
+    bundle = shutil.copytree(engine_bundle, tmp_path / "b")
+    images = real_images(HAM, 8)
+    assert main(["build-engine", "--model", str(bundle), "--target", "openvino"]) == 0
+    info = json.loads((bundle / "engines" / "openvino-fp32" / "engine.json").read_text())
+    assert info["tasks"]["classification"]["file"] == "classification.xml" and "openvino" in info["versions"]
+    assert info["agreement"]["classification"]["max_abs_diff"] < 1e-3
+    reference = _run_rows(images, tmp_path / "ort" / "r.csv", bundle, "onnxruntime")
+    ours = _run_rows(images, tmp_path / "ov" / "r.csv", bundle, "openvino")
+    assert ours.keys() == reference.keys()
+    for image_id, probs in reference.items():
+        np.testing.assert_allclose(ours[image_id], probs, atol=1e-3)
+    manifest = json.loads((tmp_path / "ov" / "r_manifest.json").read_text())
+    assert manifest["runtime"]["backend"] == "openvino" and manifest["runtime"]["precision"] == "fp32"
+    with caplog.at_level(logging.INFO, logger="dermbatch"):
+        assert resolve_backend_name("auto", load_bundle(bundle), "cpu") == "openvino"
+    if not _cpu_has_bf16():
+        return
+    assert main(["build-engine", "--model", str(bundle), "--target", "openvino", "--precision", "bf16",
+                 "--min-agreement", "0"]) == 0
+    half = _run_rows(images, tmp_path / "bf16" / "r.csv", bundle, "openvino", "bf16")
+    manifest = json.loads((tmp_path / "bf16" / "r_manifest.json").read_text())
+    assert manifest["runtime"]["precision"] == "bf16"
+    differences = [np.abs(half[i] - reference[i]).max() for i in reference]
+    assert 0 < max(differences) < 0.05  # bf16 really ran (not bit-equal to fp32) and stayed close
+
+
+def test_openvino_refuses_bf16_on_a_cpu_without_it_and_a_gpu_device(engine_bundle):
+    pytest.importorskip("openvino")
+    from dermbatch.bundle import load_bundle
+    from engines.openvino_backend import OpenVinoBackend, check_precision
+
+    with pytest.raises(BackendError, match="bf16 needs a CPU with AMX or AVX512-BF16; this one offers FP32, INT8"):
+        check_precision(["FP32", "INT8"], "bf16")
+    check_precision(["FP32", "INT8"], "fp32")
+    with pytest.raises(BackendError, match="runs on the CPU, not --device cuda"):
+        OpenVinoBackend(load_bundle(engine_bundle), "cuda", {"segmentation": (0, 1)})
+    with pytest.raises(BackendError, match="no OpenVINO engine .*--target openvino --precision bf16"):
+        OpenVinoBackend(load_bundle(engine_bundle), "cpu", {"segmentation": (0, 1)}, precision="bf16")

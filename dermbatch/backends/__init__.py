@@ -2,12 +2,13 @@
 
 A backend runs every selected fold of one task on a batch and returns the stacked outputs:
 ``segment(x) -> (F, N, 1, H, W)`` and ``classify(x) -> (F, N, K)`` logits, float32 numpy arrays.
-Engine backends (ONNX Runtime, TensorRT) register here from ``engines/`` and are imported lazily.
+Engine backends (ONNX Runtime, OpenVINO, TensorRT) register here from ``engines/`` and are imported lazily.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 BACKENDS: dict[str, str] = {
     "torch": "dermbatch.backends.torch_backend:TorchBackend",
     "onnxruntime": "engines.ort_backend:OrtBackend",
+    "openvino": "engines.openvino_backend:OpenVinoBackend",
     "tensorrt": "engines.trt_backend:TrtBackend",
 }
 
@@ -90,6 +92,9 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
     if device.startswith("cuda") or (device == "auto" and _cuda_available()):
         log.info("backend: torch on CUDA (auto; no TensorRT plan for this GPU%s)", f": {reason}" if reason else "")
         return "torch"
+    if find_engine(bundle, "openvino") and importlib.util.find_spec("openvino") is not None:
+        log.info("backend: openvino (auto; an OpenVINO engine is built for this bundle)")
+        return "openvino"
     if find_engine(bundle, "onnxruntime"):
         log.info("backend: onnxruntime (auto; an ONNX Runtime engine is built for this bundle)")
         return "onnxruntime"

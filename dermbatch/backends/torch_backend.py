@@ -43,7 +43,8 @@ class TorchBackend(TaskBackend):
         self.device = str(self.torch_device)
         if precision not in (None, "fp32", "fp16"):
             raise BackendError(f"--precision {precision}: the torch backend runs fp32, or fp16 autocast on CUDA; "
-                               "int8 needs an engine: dermbatch build-engine --target onnxruntime --precision int8")
+                               "int8 and bf16 need an engine: dermbatch build-engine --target onnxruntime "
+                               "--precision int8, or --target openvino --precision bf16")
         if precision == "fp16" and self.torch_device.type != "cuda":
             raise BackendError("--precision fp16 with the torch backend needs a CUDA device")
         self.fp16 = self.torch_device.type == "cuda" if precision is None else precision == "fp16"

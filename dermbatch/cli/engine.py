@@ -13,11 +13,14 @@ from dermbatch.errors import UsageError
 @app.command("build-engine")
 def build_engine_command(
     model: Path | None = typer.Option(None, "--model", "-m", help="Bundle [default: installed bundle]."),
-    target: str = typer.Option("auto", help="auto | onnxruntime | tensorrt (auto: TensorRT FP16 when available)."),
-    precision: str | None = typer.Option(None, help="fp32 | fp16 | int8 [default: fp16 for TensorRT, else fp32]."),
+    target: str = typer.Option("auto", help="auto | onnxruntime | openvino | tensorrt (auto: TensorRT FP16 when "
+                                            "available, else ONNX Runtime)."),
+    precision: str | None = typer.Option(None, help="fp32 | fp16 (TensorRT) | int8 (ONNX Runtime) | bf16 "
+                                                    "(OpenVINO) [default: fp16 for TensorRT, else fp32]."),
     batch: str = typer.Option("1,8,32", help="TensorRT optimisation profile: MIN,OPT,MAX batch."),
     calibration: Path | None = typer.Option(None, help="Real images to calibrate INT8 and check engines on."),
-    min_agreement: float = typer.Option(0.95, help="INT8 is kept only if its top-1 / mask IoU vs fp32 reach this."),
+    min_agreement: float = typer.Option(0.95, help="int8/bf16 engines are kept only if their top-1 / mask IoU vs fp32 "
+                                                        "reach this."),
     device: str = typer.Option("auto", help="GPU for TensorRT builds."),
 ) -> int:
     """Compile the bundle's models into engines stored beside it (several targets and precisions coexist)."""

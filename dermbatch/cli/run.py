@@ -17,9 +17,10 @@ def run_command(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (jpg, png, bmp, tif)."),
     out: Path = typer.Option(..., "--out", "-o", help="Results CSV (ISIC 2018 Task 3 format)."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder [default: installed bundle]."),
-    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt (those installed)."),
+    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | openvino | tensorrt (those installed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | int8: which engine (or torch autocast) to use."),
+    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16 | int8: which engine (or torch autocast) "
+                                               "to use."),
     tta: str | None = typer.Option(None, help="none | flip (4 views) | d4 (8 views) [default: the bundle's]."),
     folds: str = typer.Option("all", help="'all' or fold numbers, e.g. 0,2."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward batch."),
@@ -44,8 +45,8 @@ def run_command(
     setup_logging(quiet, verbose)
     if backend not in backend_names():
         raise UsageError(f"--backend {backend!r}: available here: {', '.join(backend_names())}")
-    if precision not in ("auto", "fp32", "fp16", "int8"):
-        raise UsageError(f"--precision {precision!r}: choose auto, fp32, fp16 or int8")
+    if precision not in ("auto", "fp32", "fp16", "bf16", "int8"):
+        raise UsageError(f"--precision {precision!r}: choose auto, fp32, fp16, bf16 or int8")
     options = RunOptions(inputs=[str(p) for p in inputs], out=out, model=str(model) if model else None,
                          backend=backend, device=device, precision=None if precision == "auto" else precision,
                          tta=tta, folds=folds, batch_size=batch_size, workers=workers, masks=masks,
