@@ -1,10 +1,13 @@
-"""torch eager vs ONNX Runtime fp32 (vs int8), per model and end to end, side by side on real images.
+"""torch eager vs ONNX Runtime fp32 (vs int8, vs OpenVINO fp32/bf16), per model and end to end, side by side on
+real images.
 
     python -m benchmarks.bench_engines --images 32 --folds 5 --json bench_engines.json
+    python -m benchmarks.bench_engines --images 64 --model default --int8 --openvino --json bench_engines.json
 
 Also measures one ONNX graph holding all folds (outputs stacked) against one session per fold.
 Randomly initialised default-architecture models: speed does not depend on the weight values, but the int8
-agreement printed here does, so int8 accuracy must be judged on a trained bundle (see README).
+agreement printed here does, so int8 and bf16 accuracy must be judged on a trained bundle
+(``benchmarks.bench_quality``).
 """
 
 from __future__ import annotations
@@ -52,10 +55,12 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="images per model call")
     parser.add_argument("--int8", action="store_true", help="also build and time the int8 engine")
+    parser.add_argument("--openvino", action="store_true", help="also build and time OpenVINO fp32 and (on CPUs "
+                                                                "with bf16) bf16 engines")
     parser.add_argument("--json", type=Path)
     add_model_option(parser)
     args = parser.parse_args()
-    from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8
+    from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8, build_openvino
     from engines.calibration import calibration_inputs
 
     images = real_images(args.images)
@@ -66,15 +71,20 @@ def main() -> None:
         bundle = load_bundle(bundle_path)
         data = calibration_inputs(bundle_path, images, limit=args.images)
         build_onnxruntime_fp32(bundle, data)
-        precisions = ["fp32"]
+        engines = [("onnxruntime", "fp32")]
         if args.int8:
             build_onnxruntime_int8(bundle, data, min_agreement=0.0)
-            precisions.append("int8")
+            engines.append(("onnxruntime", "int8"))
+        if args.openvino:
+            from engines.openvino_backend import cpu_has_bf16
+
+            for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
+                build_openvino(bundle, precision, data, min_agreement=0.0)
+                engines.append(("openvino", precision))
         folds = {t: bundle.spec(t).folds for t in ("segmentation", "classification")}
         backends = {"torch": create_backend("torch", bundle, "cpu", folds)}
-        for precision in precisions:
-            backends[f"onnxruntime {precision}"] = create_backend("onnxruntime", bundle, "cpu", folds,
-                                                                  precision=precision)
+        for target, precision in engines:
+            backends[f"{target} {precision}"] = create_backend(target, bundle, "cpu", folds, precision=precision)
         for task, method in (("segmentation", "segment"), ("classification", "classify")):
             x = data[task][: args.batch]
             speeds = {name: throughput(getattr(b, method), x, 3) for name, b in backends.items()}
@@ -97,11 +107,12 @@ def main() -> None:
         info = load_bundle(bundle_path)
         from engines.store import find_engine
 
-        for precision in precisions:
-            extra[f"agreement {precision}"] = find_engine(info, "onnxruntime", precision)[1]["agreement"]
+        for target, precision in engines:
+            extra[f"agreement {target} {precision}"] = find_engine(info, target, precision)[1]["agreement"]
     model = f" --model {args.model}" if args.model else f" --folds {args.folds}"
     extra["command"] = (f"python -m benchmarks.bench_engines --images {args.images}{model} "
-                        f"--batch {args.batch}" + (" --int8" if args.int8 else ""))
+                        f"--batch {args.batch}" + (" --int8" if args.int8 else "")
+                        + (" --openvino" if args.openvino else ""))
     report(f"Engines on CPU: {len(images)} HAM10000 images,{model}, batch {args.batch}, no TTA",
            rows, extra, args.json)
 

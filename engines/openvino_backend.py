@@ -42,6 +42,10 @@ def check_precision(capabilities: list[str], precision: str) -> None:
                            "Build the fp32 OpenVINO engine instead (--precision fp32)")
 
 
+def cpu_has_bf16() -> bool:
+    return "BF16" in require_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def compile_model(core, path: Path, precision: str, threads: int | None = None):
     """One synchronous request at a time with every thread on it (the pipeline overlaps I/O itself)."""
     check_precision(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"), precision)

@@ -155,12 +155,6 @@ def _run_rows(images, out, bundle, backend, precision="auto"):
     return {line.split(",")[0]: np.array(line.split(",")[1:], float) for line in out.read_text().splitlines()[1:]}
 
 
-def _cpu_has_bf16() -> bool:
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 def test_openvino_engines_reproduce_onnxruntime_and_auto_prefers_them(engine_bundle, tmp_path, caplog):
     import logging
 
@@ -183,7 +177,9 @@ def test_openvino_engines_reproduce_onnxruntime_and_auto_prefers_them(engine_bun
     assert manifest["runtime"]["backend"] == "openvino" and manifest["runtime"]["precision"] == "fp32"
     with caplog.at_level(logging.INFO, logger="dermbatch"):
         assert resolve_backend_name("auto", load_bundle(bundle), "cpu") == "openvino"
-    if not _cpu_has_bf16():
+    from engines.openvino_backend import cpu_has_bf16
+
+    if not cpu_has_bf16():
         return
     assert main(["build-engine", "--model", str(bundle), "--target", "openvino", "--precision", "bf16",
                  "--min-agreement", "0"]) == 0
