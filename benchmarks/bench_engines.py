@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import add_model_option, bench_bundle, real_images, report
+from benchmarks.common import add_model_option, bench_bundle, ensure_engine, real_images, report
 from dermbatch.backends import create_backend
 from dermbatch.bundle import load_bundle
 from dermbatch.pipeline import RunOptions, run
@@ -60,7 +60,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     add_model_option(parser)
     args = parser.parse_args()
-    from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8, build_openvino
     from engines.calibration import calibration_inputs
 
     images = real_images(args.images)
@@ -70,17 +69,12 @@ def main() -> None:
         bundle_path = bench_bundle(args.model, Path(tmp) / "bundle", args.folds, "none")
         bundle = load_bundle(bundle_path)
         data = calibration_inputs(bundle_path, images, limit=args.images)
-        build_onnxruntime_fp32(bundle, data)
-        engines = [("onnxruntime", "fp32")]
-        if args.int8:
-            build_onnxruntime_int8(bundle, data, min_agreement=0.0)
-            engines.append(("onnxruntime", "int8"))
+        wanted = ["onnxruntime:fp32"] + ["onnxruntime:int8"] * args.int8
         if args.openvino:
             from engines.openvino_backend import cpu_has_bf16
 
-            for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
-                build_openvino(bundle, precision, data, min_agreement=0.0)
-                engines.append(("openvino", precision))
+            wanted += ["openvino:fp32"] + ["openvino:bf16"] * cpu_has_bf16()
+        engines = [ensure_engine(bundle, engine, data) for engine in wanted]
         folds = {t: bundle.spec(t).folds for t in ("segmentation", "classification")}
         backends = {"torch": create_backend("torch", bundle, "cpu", folds)}
         for target, precision in engines:

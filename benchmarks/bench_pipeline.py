@@ -1,6 +1,7 @@
 """Pipeline efficiency: end-to-end images/s divided by model-only images/s (same backend, batch, folds, TTA).
 
     python -m benchmarks.bench_pipeline --images 32 --folds 5 --tta flip
+    python -m benchmarks.bench_pipeline --images 64 --model default --backends torch,onnxruntime,openvino:bf16
 
 Model-only: the backend's forward calls on inputs prepared beforehand (all TTA views stacked, as the
 pipeline stacks them). End to end: ``dermbatch run`` (decode, segment, post-process, crop, classify, write
@@ -11,11 +12,12 @@ decoding, pre/post-processing and writing hide behind inference.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import add_model_option, bench_bundle, real_images, report
+from benchmarks.common import add_model_option, bench_bundle, ensure_engine, real_images, report
 from dermbatch.backends import create_backend
 from dermbatch.bundle import load_bundle
 from dermbatch.pipeline import RunOptions, run
@@ -41,36 +43,36 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "d4"])
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--backends", default="torch,onnxruntime", help="backend[:precision] list, e.g. "
+                                                                      "torch,onnxruntime,openvino:bf16")
     parser.add_argument("--json", type=Path)
     add_model_option(parser)
     args = parser.parse_args()
-    from engines.build import build_onnxruntime_fp32
     from engines.calibration import calibration_inputs
-    from engines.store import find_engine
 
     images = real_images(args.images)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["DERMBATCH_CACHE"] = str(Path(tmp) / "cache")  # engines of an installed bundle stay here
         bundle_path = bench_bundle(args.model, Path(tmp) / "bundle", args.folds, args.tta)
         bundle = load_bundle(bundle_path)
         data = calibration_inputs(bundle_path, images, limit=args.images)
-        if not find_engine(bundle, "onnxruntime", "fp32"):
-            build_onnxruntime_fp32(bundle, data)
         folds = {t: bundle.spec(t).folds for t in ("segmentation", "classification")}
-        for name in ("torch", "onnxruntime"):
-            backend = create_backend(name, bundle, "cpu", folds)
+        for engine in args.backends.split(","):
+            name, precision = ensure_engine(bundle, engine, data)
+            backend = create_backend(name, bundle, "cpu", folds, precision=precision)
             model = model_only_rate(backend, data, args.batch, args.tta)
             backend.close()
-            summary = run(RunOptions(inputs=[str(p) for p in images], out=Path(tmp) / name / "r.csv",
-                                     model=str(bundle_path), backend=name, tta=args.tta, batch_size=args.batch,
-                                     masks=Path(tmp) / name / "masks", overwrite=True))
+            summary = run(RunOptions(inputs=[str(p) for p in images], out=Path(tmp) / engine / "r.csv",
+                                     model=str(bundle_path), backend=name, precision=precision, tta=args.tta,
+                                     batch_size=args.batch, masks=Path(tmp) / engine / "masks", overwrite=True))
             e2e = summary.rates()["after_startup"]
-            rows.append({"backend": name, "model-only images/s": model, "end-to-end images/s": e2e,
+            rows.append({"backend": engine, "model-only images/s": model, "end-to-end images/s": e2e,
                          "efficiency": e2e / model})
     model = f" --model {args.model}" if args.model else f" --folds {args.folds}"
     report(f"Pipeline efficiency: {len(images)} HAM10000 images, {model.strip()}, TTA {args.tta}, batch {args.batch}",
            rows, {"command": f"python -m benchmarks.bench_pipeline --images {args.images}{model} --tta {args.tta} "
-                             f"--batch {args.batch}"}, args.json)
+                             f"--batch {args.batch} --backends {args.backends}"}, args.json)
 
 
 if __name__ == "__main__":

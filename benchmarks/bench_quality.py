@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import DATA, add_model_option, real_images, report
+from benchmarks.common import DATA, add_model_option, ensure_engine, real_images, report
 from dermbatch.bundle import CLASSES, load_bundle
 
 ENGINES = ("onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:bf16")
@@ -43,18 +43,6 @@ def linked_folder(folder: Path, images: list[Path]) -> Path:
     for image in images:
         (folder / image.name).symlink_to(image.resolve())
     return folder
-
-
-def build(bundle, engine: str, calibration: dict) -> None:
-    from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8, build_openvino
-
-    target, precision = engine.split(":")
-    if target == "openvino":
-        build_openvino(bundle, precision, calibration, min_agreement=0.0)
-    elif precision == "int8":
-        build_onnxruntime_int8(bundle, calibration, min_agreement=0.0)
-    else:
-        build_onnxruntime_fp32(bundle, calibration)
 
 
 def main() -> None:
@@ -83,8 +71,7 @@ def main() -> None:
         calibration = calibration_inputs(bundle.path, calibration_images, limit=64)
         cls_dir, seg_dir = linked_folder(tmp / "cls", cls_images), linked_folder(tmp / "seg", seg_images)
         for engine in engines:
-            build(bundle, engine, calibration)
-            backend, precision = engine.split(":")
+            backend, precision = ensure_engine(bundle, engine, calibration)
             options = dict(backend=backend, precision=precision, tta=args.tta)
             start = time.perf_counter()
             cls = evaluate(str(bundle.path), cls_dir, tmp / engine / "cls", labels=DATA / "ham10000" / "labels.csv",

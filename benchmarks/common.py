@@ -43,6 +43,27 @@ def bench_bundle(model: str | None, root: Path, folds: int, tta: str) -> Path:
     return make_bundle(root, folds, tta)
 
 
+def ensure_engine(bundle, engine: str, calibration: dict) -> tuple[str, str | None]:
+    """Build ``engine`` ("torch", "onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:bf16") unless
+    it is there; return (backend, precision). Reduced-precision engines are kept whatever their agreement: the
+    benchmarks measure it."""
+    from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8, build_openvino
+    from engines.store import find_engine
+
+    backend, _, precision = engine.partition(":")
+    if backend == "torch":
+        return backend, None
+    precision = precision or "fp32"
+    if find_engine(bundle, backend, precision) is None:
+        if backend == "openvino":
+            build_openvino(bundle, precision, calibration, min_agreement=0.0)
+        elif precision == "int8":
+            build_onnxruntime_int8(bundle, calibration, min_agreement=0.0)
+        else:
+            build_onnxruntime_fp32(bundle, calibration)
+    return backend, precision
+
+
 def machine() -> dict:
     import torch
 
