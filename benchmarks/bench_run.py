@@ -1,7 +1,10 @@
 """Default ``dermbatch run`` vs a per-image loop, on real images, same weights, folds and TTA.
 
     python -m benchmarks.bench_run --images 32 --folds 5 --tta flip --json bench_run.json
+    python -m benchmarks.bench_run --images 96 --model default --json bench_run.json
 
+Every time includes start-up (loading the models, creating sessions); the installed default bundle's
+first-use engine is built before any timing.
 Three ways, timed side by side in one process on the same images:
 * naive loop: decode one image, run every fold on every TTA view one forward call at a time (batch 1);
 * predictor, batch 1, no workers: dermbatch's Predictor with batch_size=1, workers=0;
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import add_model_option, bench_bundle, real_images, report
+from dermbatch.backends import resolve_backend_name
 from dermbatch.bundle import load_bundle
 from dermbatch.models import load_fold_model
 from dermbatch.pipeline import RunOptions, run
@@ -67,7 +71,7 @@ def dermbatch_run(bundle_path: Path, images: list[Path], tta: str, workdir: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--tta", default="flip", choices=["none", "flip", "d4"])
     parser.add_argument("--json", type=Path)
@@ -76,6 +80,7 @@ def main() -> None:
     images = real_images(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = bench_bundle(args.model, Path(tmp) / "bundle", args.folds, args.tta)
+        resolve_backend_name("auto", load_bundle(bundle), "auto")  # the default bundle's first-use engine, untimed
         timings, outputs = {}, {}
         for name, fn in [("naive per-image loop", lambda: naive_loop(bundle, images, args.tta)),
                          ("predictor, batch 1, no workers", lambda: predictor_batch1(bundle, images, args.tta)),
