@@ -7,6 +7,7 @@ Each engine is checked against its reference on real images at build time and th
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import time
@@ -176,14 +177,17 @@ def build_engine(model: str | None, target: str = "auto", precision: str | None 
 
 
 def build_first_use_engine(bundle: Bundle) -> Path:
-    """The ONNX Runtime fp32 engine of the installed default bundle, checked against torch on the sample images
-    when they are at hand (a source checkout), else on seeded noise (the check is numeric either way)."""
+    """The fastest exact (fp32) CPU engine of the installed default bundle: OpenVINO fp32 when OpenVINO is
+    installed (1.2x ONNX Runtime end to end here, same outputs within 1e-4), else ONNX Runtime fp32. Checked on
+    the sample images when they are at hand (a source checkout), else on seeded noise (numeric either way)."""
     folder = SAMPLE_IMAGES
     if folder.is_dir():
         data = calibration_inputs(bundle.path, folder, limit=16)
     else:
         rng = np.random.default_rng(0)
         data = {task: rng.normal(size=(4, 3, *bundle.spec(task).input_size)).astype(np.float32) for task in TASKS}
+    if importlib.util.find_spec("openvino") is not None:
+        return build_openvino(bundle, "fp32", data, min_agreement=0.99)
     return build_onnxruntime_fp32(bundle, data)
 
 

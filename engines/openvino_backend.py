@@ -27,8 +27,8 @@ def require_openvino():
     try:
         import openvino
     except ImportError:
-        raise BackendError("the OpenVINO engine needs the openvino package: pip install 'dermbatch[openvino]'; "
-                           "or use --backend onnxruntime") from None
+        raise BackendError("the OpenVINO engine needs the openvino package (pip install openvino; it comes "
+                           "with dermbatch on x86-64 and ARM64), or use --backend onnxruntime") from None
     return openvino
 
 

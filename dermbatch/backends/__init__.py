@@ -30,6 +30,9 @@ BACKENDS: dict[str, str] = {
 }
 
 
+ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
+
+
 class Backend(Protocol):
     name: str
     device: str
@@ -105,11 +108,13 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
 
 
 def _build_default_engine(bundle: Bundle) -> str:
-    """First use of the installed default bundle on CPU: build its ONNX Runtime engine into the per-user cache
-    (once; about half a minute), in one log line. A failure is logged and the run goes on with torch."""
+    """First use of the installed default bundle on CPU: build its fp32 engine (OpenVINO when installed, else
+    ONNX Runtime) into the per-user cache (once; about half a minute), in one log line. A failure is logged and
+    the run goes on with torch."""
     start = time.perf_counter()
     try:
         from engines.build import build_first_use_engine
+        from engines.store import read_info
 
         previous = logging.root.manager.disable
         logging.disable(logging.INFO)  # the build's own steps; the line below says what happened
@@ -117,14 +122,15 @@ def _build_default_engine(bundle: Bundle) -> str:
             folder = build_first_use_engine(bundle)
         finally:
             logging.disable(previous)
+        target = read_info(folder)["target"]
     except Exception as exc:  # any failure: say so, and run the same models with torch
-        log.warning("backend: torch (auto; building the default bundle's ONNX Runtime engine failed: %s: %s)",
+        log.warning("backend: torch (auto; building the default bundle's engine failed: %s: %s)",
                     type(exc).__name__, exc)
         return "torch"
-    log.info("backend: onnxruntime (auto; first use of the default bundle: built its ONNX Runtime engine into %s "
-             "in %.0f s, reused from now on; DERMBATCH_NO_AUTO_ENGINE=1 skips this)", folder,
+    log.info("backend: %s (auto; first use of the default bundle: built its %s fp32 engine into %s in %.0f s, "
+             "reused from now on; DERMBATCH_NO_AUTO_ENGINE=1 skips this)", target, ENGINE_NAMES[target], folder,
              time.perf_counter() - start)
-    return "onnxruntime"
+    return target
 
 
 def _cuda_available() -> bool:
