@@ -1,13 +1,14 @@
 """One table of issue #6's targets from the JSON files the benchmark scripts wrote (each ratio measured side by side
 within one script run).
 
-    python -m benchmarks.bench_run --images 32 --model default --json out/bench_run.json
+    python -m benchmarks.bench_run --images 96 --model default --json out/bench_run.json
     python -m benchmarks.bench_engines --images 64 --model default --int8 --openvino --json out/bench_engines.json
     python -m benchmarks.bench_quality --model default --json out/bench_quality.json
     python -m benchmarks.bench_pipeline --images 64 --model default --backends torch,onnxruntime,openvino:bf16 \
         --json out/bench_pipeline.json
     python -m benchmarks.bench_memory --json out/bench_memory.json
     python -m benchmarks.bench_scaling --json out/bench_scaling.json
+    python -m benchmarks.bench_large --model default --json out/bench_large.json   (no target; not in the table)
     python -m benchmarks.summary out            # prints the table, writes out/summary.json
 
 A missing file leaves its rows out.

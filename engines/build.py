@@ -54,6 +54,8 @@ def _info(bundle: Bundle, target: str, precision: str, folder: Path, agreement: 
         file = next(p.name for p in folder.iterdir() if p.stem == task and p.suffix in (".onnx", ".xml", ".plan"))
         tasks[task] = {"file": file, "sha256": sha256_file(folder / file), "folds": list(spec.folds),
                        "input_size": list(spec.input_size), "layout": "stacked-folds"}
+        if file.endswith(".xml"):  # OpenVINO IR: the graph, and its weights beside it
+            tasks[task] |= {"weights_file": f"{task}.bin", "weights_sha256": sha256_file(folder / f"{task}.bin")}
     return {"target": target, "precision": precision, "bundle": bundle.name,
             "weights_fingerprint": fingerprint(bundle), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__} | _openvino_version(),

@@ -167,6 +167,7 @@ def test_openvino_engines_reproduce_onnxruntime_and_auto_prefers_them(engine_bun
     assert main(["build-engine", "--model", str(bundle), "--target", "openvino"]) == 0
     info = json.loads((bundle / "engines" / "openvino-fp32" / "engine.json").read_text())
     assert info["tasks"]["classification"]["file"] == "classification.xml" and "openvino" in info["versions"]
+    assert info["tasks"]["classification"]["weights_file"] == "classification.bin"
     assert info["agreement"]["classification"]["max_abs_diff"] < 1e-3
     reference = _run_rows(images, tmp_path / "ort" / "r.csv", bundle, "onnxruntime")
     ours = _run_rows(images, tmp_path / "ov" / "r.csv", bundle, "openvino")
