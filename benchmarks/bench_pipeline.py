@@ -62,17 +62,17 @@ def main() -> None:
         folds = {t: bundle.spec(t).folds for t in ("segmentation", "classification")}
         for engine in args.backends.split(","):
             name, precision = ensure_engine(bundle, engine, data)
-            model, e2e = 0.0, 0.0
+            model_rate, e2e = 0.0, 0.0
             for repeat in range(args.repeats):  # alternate the two, keep the best of each: this machine is noisy
                 backend = create_backend(name, bundle, "cpu", folds, precision=precision)
-                model = max(model, model_only_rate(backend, data, args.batch, args.tta))
+                model_rate = max(model_rate, model_only_rate(backend, data, args.batch, args.tta))
                 backend.close()
                 summary = run(RunOptions(inputs=[str(p) for p in images], out=Path(tmp) / engine / f"r{repeat}.csv",
                                          model=str(bundle_path), backend=name, precision=precision, tta=args.tta,
                                          batch_size=args.batch, masks=Path(tmp) / engine / "masks", overwrite=True))
                 e2e = max(e2e, summary.rates()["after_startup"])
-            rows.append({"backend": engine, "model-only images/s": model, "end-to-end images/s": e2e,
-                         "efficiency": e2e / model})
+            rows.append({"backend": engine, "model-only images/s": model_rate, "end-to-end images/s": e2e,
+                         "efficiency": e2e / model_rate})
     model = f" --model {args.model}" if args.model else f" --folds {args.folds}"
     report(f"Pipeline efficiency: {len(images)} HAM10000 images, {model.strip()}, TTA {args.tta}, batch {args.batch}",
            rows, {"command": f"python -m benchmarks.bench_pipeline --images {args.images}{model} --tta {args.tta} "

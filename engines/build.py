@@ -89,8 +89,7 @@ def build_onnxruntime_int8(bundle: Bundle, calibration: dict[str, np.ndarray], m
 
     from engines.quantize import quantize_int8
 
-    fp32 = find_engine(bundle, "onnxruntime", "fp32")
-    fp32_folder = fp32[0] if fp32 else build_onnxruntime_fp32(bundle, calibration)
+    fp32_folder = _onnx_fp32_folder(bundle, calibration)
     folder = writable_root(bundle) / engine_key("onnxruntime", "int8")
     folder.mkdir(parents=True, exist_ok=True)
     agreement = {}
@@ -101,11 +100,7 @@ def build_onnxruntime_int8(bundle: Bundle, calibration: dict[str, np.ndarray], m
         outputs = [s.run(None, {INPUT: calibration[task]})[0] for s in sessions]
         agreement[task] = _agreement(task, *outputs)
         log.info("onnxruntime int8 %s vs fp32: %s", task, agreement[task])
-    worst = min(agreement["segmentation"]["mean_mask_iou"], agreement["classification"]["top1_agreement"])
-    if worst < min_agreement:
-        shutil.rmtree(folder)
-        raise BackendError(f"int8 engine disagrees with fp32 too much ({worst:.3f} < --min-agreement "
-                           f"{min_agreement}); not kept. Use the fp32 engine, or more/other --calibration images")
+    _refuse_below(folder, agreement, min_agreement, "int8", "Use the fp32 engine, or more/other --calibration images")
     write_info(folder, _info(bundle, "onnxruntime", "int8", folder, agreement,
                              {"calibration_images": int(len(calibration["segmentation"]))}))
     return folder
@@ -120,8 +115,7 @@ def build_openvino(bundle: Bundle, precision: str, calibration: dict[str, np.nda
 
     ov = require_openvino()
     core = ov.Core()
-    fp32 = find_engine(bundle, "onnxruntime", "fp32")
-    onnx_folder = fp32[0] if fp32 else build_onnxruntime_fp32(bundle, calibration)
+    onnx_folder = _onnx_fp32_folder(bundle, calibration)
     folder = writable_root(bundle) / engine_key("openvino", precision)
     folder.mkdir(parents=True, exist_ok=True)
     agreement = {}
@@ -134,13 +128,24 @@ def build_openvino(bundle: Bundle, precision: str, calibration: dict[str, np.nda
             None, {INPUT: calibration[task]})[0]
         agreement[task] = _agreement(task, reference, request.infer({0: calibration[task]})[0])
         log.info("openvino %s %s vs onnxruntime fp32: %s", precision, task, agreement[task])
+    _refuse_below(folder, agreement, min_agreement, f"OpenVINO {precision}", "Use --precision fp32")
+    write_info(folder, _info(bundle, "openvino", precision, folder, agreement))
+    return folder
+
+
+def _onnx_fp32_folder(bundle: Bundle, calibration: dict[str, np.ndarray]) -> Path:
+    """The ONNX Runtime fp32 engine's folder (built if missing): the graph int8 and OpenVINO start from."""
+    found = find_engine(bundle, "onnxruntime", "fp32")
+    return found[0] if found else build_onnxruntime_fp32(bundle, calibration)
+
+
+def _refuse_below(folder: Path, agreement: dict, min_agreement: float, what: str, advice: str) -> None:
+    """Delete a reduced-precision engine whose top-1 agreement or mean mask IoU with fp32 is below the bar."""
     worst = min(agreement["segmentation"]["mean_mask_iou"], agreement["classification"]["top1_agreement"])
     if worst < min_agreement:
         shutil.rmtree(folder)
-        raise BackendError(f"OpenVINO {precision} engine disagrees with fp32 too much ({worst:.3f} < "
-                           f"--min-agreement {min_agreement}); not kept. Use --precision fp32")
-    write_info(folder, _info(bundle, "openvino", precision, folder, agreement))
-    return folder
+        raise BackendError(f"{what} engine disagrees with fp32 too much ({worst:.3f} < --min-agreement "
+                           f"{min_agreement}); not kept. {advice}")
 
 
 def _agreement(task: str, reference: np.ndarray, other: np.ndarray) -> dict:

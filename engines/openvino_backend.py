@@ -17,7 +17,7 @@ import numpy as np
 from dermbatch.backends import TaskBackend, fold_selection
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
-from engines.store import find_engine
+from engines.store import require_engine
 
 log = logging.getLogger(__name__)
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's INFERENCE_PRECISION_HINT
@@ -63,12 +63,7 @@ class OpenVinoBackend(TaskBackend):
             raise BackendError(f"--backend openvino runs on the CPU, not --device {device}; "
                                "use --backend tensorrt or torch on a GPU")
         ov = require_openvino()
-        found = find_engine(bundle, "openvino", precision)
-        if found is None:
-            wanted = precision or "fp32"
-            raise BackendError(f"{bundle.path}: no OpenVINO engine ({wanted}); build it with: dermbatch "
-                               f"build-engine --model {bundle.path} --target openvino --precision {wanted}")
-        self.folder, self.info = found
+        self.folder, self.info = require_engine(bundle, "openvino", precision)
         self.precision = self.info["precision"]
         self.device = "cpu"
         core = ov.Core()

@@ -15,7 +15,7 @@ from dermbatch.backends import TaskBackend, fold_selection
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
 from engines.onnx_export import INPUT, OUTPUT
-from engines.store import find_engine
+from engines.store import require_engine
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,7 @@ class OrtBackend(TaskBackend):
                  precision: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
-        found = find_engine(bundle, "onnxruntime", precision)
-        if found is None:
-            wanted = precision or "fp32"
-            raise BackendError(f"{bundle.path}: no ONNX Runtime engine ({wanted}); build it with: dermbatch "
-                               f"build-engine --model {bundle.path} --target onnxruntime --precision {wanted}")
-        self.folder, self.info = found
+        self.folder, self.info = require_engine(bundle, "onnxruntime", precision)
         self.precision = self.info["precision"]
         self.providers = providers_for(device)
         self.device = "cuda" if self.providers[0].startswith("CUDA") else "cpu"

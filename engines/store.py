@@ -60,6 +60,18 @@ def find_engine(bundle: Bundle, target: str, precision: str | None = None, devic
     return None
 
 
+def require_engine(bundle: Bundle, target: str, precision: str | None = None) -> tuple[Path, dict]:
+    """``find_engine``, or an error naming the command that builds the missing engine."""
+    from dermbatch.backends import ENGINE_NAMES
+
+    found = find_engine(bundle, target, precision)
+    if found is None:
+        wanted = precision or "fp32"
+        raise BackendError(f"{bundle.path}: no {ENGINE_NAMES[target]} engine ({wanted}); build it with: dermbatch "
+                           f"build-engine --model {bundle.path} --target {target} --precision {wanted}")
+    return found
+
+
 def read_info(folder: Path) -> dict | None:
     path = folder / ENGINE_FILE
     if not path.is_file():

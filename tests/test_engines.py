@@ -11,6 +11,12 @@ from dermbatch.errors import BackendError
 from tests.conftest import HAM, real_images
 
 
+def _run_rows(images, out, bundle, backend, precision="auto"):
+    assert main(["run", *map(str, images), "--out", str(out), "--model", str(bundle), "--backend", backend,
+                 "--precision", precision, "--masks", str(out.parent / "masks"), "-q"]) == 0
+    return {line.split(",")[0]: np.array(line.split(",")[1:], float) for line in out.read_text().splitlines()[1:]}
+
+
 @pytest.fixture(scope="module")
 def engine_bundle(tiny_bundle, tmp_path_factory):
     root = shutil.copytree(tiny_bundle.path, tmp_path_factory.mktemp("eb") / "bundle")
@@ -40,16 +46,10 @@ def test_engine_is_stored_with_its_provenance(engine_bundle):
 
 def test_onnxruntime_run_reproduces_torch(engine_bundle, tmp_path):
     images = real_images(HAM, 12)
-    outs = {}
-    for backend in ("torch", "onnxruntime"):
-        out = tmp_path / backend / "r.csv"
-        assert main(["run", *map(str, images), "--out", str(out), "--model", str(engine_bundle), "--backend",
-                     backend, "--masks", str(tmp_path / backend / "masks"), "-q"]) == 0
-        outs[backend] = out
-    manifest = json.loads(outs["onnxruntime"].with_name("r_manifest.json").read_text())
+    rows = {backend: _run_rows(images, tmp_path / backend / "r.csv", engine_bundle, backend)
+            for backend in ("torch", "onnxruntime")}
+    manifest = json.loads((tmp_path / "onnxruntime" / "r_manifest.json").read_text())
     assert manifest["runtime"]["backend"] == "onnxruntime"
-    rows = {b: {line.split(",")[0]: np.array(line.split(",")[1:], float)
-                for line in p.read_text().splitlines()[1:]} for b, p in outs.items()}
     for image_id, probs in rows["torch"].items():
         np.testing.assert_allclose(rows["onnxruntime"][image_id], probs, atol=1e-3)
         assert rows["onnxruntime"][image_id].argmax() == probs.argmax()
@@ -148,11 +148,6 @@ def test_tensorrt_fp16_plan_reproduces_torch(tiny_bundle, tmp_path):
     for a, b in zip(rows["torch"], rows["tensorrt"], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-2)
 
-
-def _run_rows(images, out, bundle, backend, precision="auto"):
-    assert main(["run", *map(str, images), "--out", str(out), "--model", str(bundle), "--backend", backend,
-                 "--precision", precision, "--masks", str(out.parent / "masks"), "-q"]) == 0
-    return {line.split(",")[0]: np.array(line.split(",")[1:], float) for line in out.read_text().splitlines()[1:]}
 
 
 def test_openvino_engines_reproduce_onnxruntime_and_auto_prefers_them(engine_bundle, tmp_path, caplog):
