@@ -5,6 +5,8 @@ Layout::
     bundle.json                 manifest (see ``validate_manifest``)
     seg_fold0.safetensors ...   segmentation weights, one file per fold
     cls_fold0.safetensors ...   classification weights, one file per fold
+    cls_shared.safetensors      optional: tensors every fold of the task shares (a frozen backbone),
+                                stored once; each fold file then holds only its own tensors
     splits.json, metrics.json, README.md, engines/   optional, written by trainer/engines
 
 Every weight file is listed in ``manifest["weights"]`` with its sha256; reading weights verifies it,
@@ -54,6 +56,10 @@ class ModelSpec:
     def weight_file(self, fold: int) -> str:
         return f"{TASK_PREFIX[self.task]}_fold{fold}.safetensors"
 
+    @property
+    def shared_file(self) -> str:
+        return f"{TASK_PREFIX[self.task]}_shared.safetensors"
+
 
 @dataclass(frozen=True)
 class CropSpec:
@@ -102,11 +108,26 @@ class Bundle:
                               f"`dermbatch train --task {TASK_PREFIX[task]}`")
         return spec
 
-    def read_weights(self, task: str, fold: int) -> dict:
-        """Load one fold's state dict (float32 tensors) after checking the file's sha256."""
+    def read_weights(self, task: str, fold: int, shared: bool = True) -> dict:
+        """One fold's state dict (float32 tensors), each file's sha256 checked first; with ``shared``, merged
+        with the task's shared tensors when the bundle has them."""
+        spec = self.spec(task)
+        state = self._read_verified(spec.weight_file(fold))
+        common = self.read_shared(task) if shared else {}
+        overlap = sorted(set(common) & set(state))
+        if overlap:
+            raise BundleError(f"{self.path / spec.weight_file(fold)}: {overlap[0]} is also in {spec.shared_file}; "
+                              "a tensor must live in one of them")
+        return common | state
+
+    def read_shared(self, task: str) -> dict:
+        """The tensors every fold of ``task`` shares ({} when the bundle stores whole models per fold)."""
+        name = self.spec(task).shared_file
+        return self._read_verified(name) if name in self.manifest["weights"] else {}
+
+    def _read_verified(self, name: str) -> dict:
         from safetensors.torch import load as load_safetensors
 
-        name = self.spec(task).weight_file(fold)
         data = _read_file(self.path / name)
         expected = self.manifest["weights"].get(name)
         actual = hashlib.sha256(data).hexdigest()
@@ -186,14 +207,15 @@ def _model_spec(task: str, section: dict) -> ModelSpec:
                      tta=section.get("tta", "flip"), threshold=float(section.get("threshold", 0.5)))
 
 
-def save_weights(root: str | os.PathLike, task: str, fold: int, state_dict: dict,
+def save_weights(root: str | os.PathLike, task: str, fold: int | None, state_dict: dict,
                  half: bool = False) -> tuple[str, str]:
-    """Write one fold's weights as safetensors; return (file name, sha256) for the manifest."""
+    """Write one fold's weights (``fold=None``: the task's shared tensors) as safetensors; return (file name,
+    sha256) for the manifest."""
     from safetensors.torch import save_file
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{TASK_PREFIX[task]}_fold{fold}.safetensors"
+    name = f"{TASK_PREFIX[task]}_{'shared' if fold is None else f'fold{fold}'}.safetensors"
     tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in state_dict.items()}
     tmp = root / (name + ".tmp")

@@ -9,7 +9,7 @@ from typing import Any
 from dermbatch.errors import BundleError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_WEIGHT_NAME = re.compile(r"^(seg|cls)_fold(\d+)\.safetensors$")
+_WEIGHT_NAME = re.compile(r"^(seg|cls)_(fold\d+|shared)\.safetensors$")
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
@@ -51,7 +51,8 @@ def validate_manifest(manifest: Any, where: str) -> None:
         fail("weights", "must map weight file names to sha256 hex digests")
     for name, digest in weights.items():
         if not _WEIGHT_NAME.match(str(name)):
-            fail(f"weights.{name}", "file names must look like seg_fold0.safetensors / cls_fold0.safetensors")
+            fail(f"weights.{name}", "file names must look like seg_fold0.safetensors / cls_fold0.safetensors "
+                                        "(or cls_shared.safetensors: tensors every fold shares)")
         if not isinstance(digest, str) or not _HEX64.match(digest):
             fail(f"weights.{name}", "must be a 64-character lowercase sha256 hex digest")
 

@@ -46,9 +46,50 @@ def _build_timm(spec: ModelSpec, num_classes: int) -> nn.Module:
     return timm.create_model(spec.encoder, pretrained=False, num_classes=num_classes)
 
 
+class MultiStageClassifier(nn.Module):
+    """A timm EfficientNet/MobileNet whose linear classifier reads the global-average-pooled output of the
+    last ``stages`` block stages and of the head convolution, concatenated (a hypercolumn-style head).
+
+    Mid-level stages carry the colour and texture statistics that dermoscopy turns on; with the backbone
+    kept at its ImageNet weights (``dermbatch train --frozen-backbone``) only ``classifier`` is learnt.
+    """
+
+    def __init__(self, encoder: str, num_classes: int, stages: int = 5):
+        import timm
+
+        super().__init__()
+        self.backbone = timm.create_model(encoder, pretrained=False, num_classes=0)
+        missing = [a for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2") if not hasattr(self.backbone, a)]
+        if missing:
+            raise ValueError(f"{encoder} has no {missing[0]}; timm-multistage needs an EfficientNet-style model")
+        self.first_stage = len(self.backbone.blocks) - stages
+        with torch.no_grad():  # widths of the pooled outputs, whatever the encoder
+            self.num_features = self.features(torch.zeros(1, 3, 64, 64)).shape[1]
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, num_features): the pooled stage outputs the classifier reads."""
+        b = self.backbone
+        x = b.bn1(b.conv_stem(x))
+        pooled = []
+        for i, block in enumerate(b.blocks):
+            x = block(x)
+            if i >= self.first_stage:
+                pooled.append(x.mean((2, 3)))
+        pooled.append(b.bn2(b.conv_head(x)).mean((2, 3)))
+        return torch.cat(pooled, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _build_multistage(spec: ModelSpec, num_classes: int) -> nn.Module:
+    return MultiStageClassifier(spec.encoder, num_classes)
+
+
 _BUILDERS: dict[str, dict[str, Callable[[ModelSpec, int], nn.Module]]] = {
     "segmentation": {name: _build_smp for name in SEG_ARCHITECTURES},
-    "classification": {"timm": _build_timm},
+    "classification": {"timm": _build_timm, "timm-multistage": _build_multistage},
 }
 
 

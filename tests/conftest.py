@@ -34,6 +34,27 @@ def tiny_bundle(tmp_path_factory):
     return create_random_bundle(root, seg, cls, CropSpec(margin=0.1), name="tiny-test")
 
 
+def shared_backbone_bundle(root):
+    """A 2-fold multistage-classifier bundle whose backbone is stored once, as training with a frozen one does."""
+    import torch
+
+    from dermbatch.bundle import CLASSES, build_manifest, load_bundle, save_weights, write_manifest
+    from dermbatch.models import build_model
+
+    spec = ModelSpec("classification", "timm-multistage", "test_efficientnet", (64, 64), (0.5,) * 3, (0.5,) * 3,
+                     (0, 1))
+    torch.manual_seed(0)
+    state = build_model(spec).state_dict()
+    weights = dict([save_weights(root, "classification", None,
+                                 {k: v for k, v in state.items() if not k.startswith("classifier.")})])
+    for fold in spec.folds:
+        head = {"classifier.weight": torch.randn(len(CLASSES), state["classifier.weight"].shape[1]),
+                "classifier.bias": torch.randn(len(CLASSES))}
+        weights.update([save_weights(root, "classification", fold, head)])
+    write_manifest(root, build_manifest(None, spec, CropSpec(), weights, "shared"))
+    return load_bundle(root), state
+
+
 def synthetic_lesion(path: Path, size=(150, 200), seed=0, center=None, radius=None) -> np.ndarray:
     """Write a skin-coloured image with one dark elliptical 'lesion'; return its true mask (0/1)."""
     rng = np.random.default_rng(seed)

@@ -7,6 +7,7 @@ import torch
 from dermbatch.bundle import load_bundle
 from dermbatch.errors import BundleError
 from dermbatch.models import build_model, load_fold_model
+from tests.conftest import shared_backbone_bundle
 
 
 @pytest.fixture
@@ -89,3 +90,51 @@ def test_unknown_architecture_lists_valid_names(bundle_copy):
     bundle = load_bundle(bundle_copy)
     with pytest.raises(BundleError, match="valid: deeplabv3plus, fpn, linknet, unet, unetplusplus"):
         load_fold_model(bundle, "segmentation", 0)
+
+
+def test_shared_tensors_are_stored_once_and_merged_into_every_fold(tmp_path):
+    bundle, state = shared_backbone_bundle(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "cls_fold0.safetensors", "cls_fold1.safetensors", "cls_shared.safetensors"]
+    size = {p.name: p.stat().st_size for p in tmp_path.glob("*.safetensors")}
+    assert size["cls_fold0.safetensors"] < 0.1 * size["cls_shared.safetensors"]
+    models = [load_fold_model(bundle, "classification", f) for f in (0, 1)]  # strict load: nothing missing
+    key = "backbone.conv_stem.weight"
+    assert torch.equal(models[0].state_dict()[key], state[key]) and torch.equal(models[1].state_dict()[key], state[key])
+    assert not torch.equal(models[0].classifier.weight, models[1].classifier.weight)
+    assert set(bundle.read_weights("classification", 0, shared=False)) == {"classifier.weight", "classifier.bias"}
+
+
+def test_a_tampered_shared_file_or_a_tensor_in_both_files_is_refused(tmp_path):
+    from dermbatch.bundle import save_weights
+
+    bundle, state = shared_backbone_bundle(tmp_path)
+    data = bytearray((tmp_path / "cls_shared.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (tmp_path / "cls_shared.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="cls_shared.safetensors: sha256"):
+        bundle.read_weights("classification", 1)
+
+    other = tmp_path / "other"
+    bundle, state = shared_backbone_bundle(other)
+    name, digest = save_weights(other, "classification", 0, {"classifier.weight": state["classifier.weight"],
+                                                              "classifier.bias": state["classifier.bias"],
+                                                              "backbone.conv_stem.weight": state[
+                                                                  "backbone.conv_stem.weight"]})
+    _edit_manifest(other, lambda m: m["weights"].update({name: digest}))
+    with pytest.raises(BundleError, match="backbone.conv_stem.weight is also in cls_shared.safetensors"):
+        load_bundle(other).read_weights("classification", 0)
+
+
+def test_multistage_classifier_reads_every_late_stage():
+    from dermbatch.models import MultiStageClassifier
+
+    model = MultiStageClassifier("tf_efficientnet_lite0", 7).eval()
+    assert model.num_features == 40 + 80 + 112 + 192 + 320 + 1280
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.classifier(model.features(x)))
+        head = model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True)
+        assert torch.allclose(model.features(x)[:, -1280:], head, atol=1e-6)  # the last part is timm's pooled head
+    with pytest.raises(ValueError, match="EfficientNet-style"):
+        MultiStageClassifier("mobilenetv3_small_050", 7)

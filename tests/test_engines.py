@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from dermbatch.cli.main import main
 from dermbatch.errors import BackendError
@@ -198,3 +199,28 @@ def test_openvino_refuses_bf16_on_a_cpu_without_it_and_a_gpu_device(engine_bundl
         OpenVinoBackend(load_bundle(engine_bundle), "cuda", {"segmentation": (0, 1)})
     with pytest.raises(BackendError, match="no OpenVINO engine .*--target openvino --precision bf16"):
         OpenVinoBackend(load_bundle(engine_bundle), "cpu", {"segmentation": (0, 1)}, precision="bf16")
+
+
+def test_folds_sharing_a_frozen_backbone_export_one_feature_pass(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from engines.onnx_export import compare, export_module, load_stacked
+    from tests.conftest import shared_backbone_bundle
+
+    bundle, _ = shared_backbone_bundle(tmp_path / "b")
+    stacked = load_stacked(bundle, "classification", (0, 1))
+    assert stacked.shared_features
+    path = export_module(stacked, (64, 64), tmp_path / "cls.onnx")
+    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    single = export_module(load_stacked(bundle, "classification", (0,)), (64, 64), tmp_path / "one.onnx")
+    assert len(convs) == len([n for n in onnx.load(str(single)).graph.node if n.op_type == "Conv"])
+    x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    per_fold = np.stack([stacked.folds[f](torch.from_numpy(x)).detach().numpy() for f in (0, 1)])
+    assert not np.allclose(per_fold[0], per_fold[1])
+    result = compare(path, stacked, x, "classification")
+    assert result["max_abs_diff"] < 1e-4
+    import onnxruntime as ort
+
+    ours = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    np.testing.assert_allclose(ours, per_fold, atol=1e-4)  # each fold's own classifier on the shared features

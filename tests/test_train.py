@@ -144,3 +144,65 @@ def test_warm_start_begins_each_fold_from_the_same_fold_and_refuses_another_spli
     other.warm_start = tmp_path / "a"
     with pytest.raises(UsageError, match="split differs"):
         train_task(other)
+
+
+def test_frozen_backbone_fits_linear_heads_whose_oof_equals_the_bundle_with_tta(tmp_path, monkeypatch):
+    import numpy as np
+
+    import trainer.frozen
+    from dermbatch.bundle import CLASSES, load_bundle
+    from dermbatch.models import load_fold_model
+    from dermbatch.preprocess import normalize
+    from dermbatch.tta import classify_with_tta, softmax
+    from trainer.data import cls_items
+    from trainer.dataset import TrainingSet
+    from trainer.pretrained import lite_imagenet_state
+    from trainer.run import subset
+
+    real_images(HAM, 1)
+    out, cache = tmp_path / "bundle", tmp_path / "cache"
+    args = ["--task", "cls", "--images", HAM / "images", "--labels", HAM / "labels.csv", "--masks", HAM / "masks",
+            "--limit", "70", "--out", out, "--cache", cache, "--frozen-backbone", "--class-weights", "balanced"]
+    assert _train(*args) == 0
+    bundle = load_bundle(out)
+    spec = bundle.classification
+    assert spec.architecture == "timm-multistage" and spec.mean == (0.5, 0.5, 0.5)  # the Lite weights' input
+    assert sorted(p.name for p in out.glob("cls_*.safetensors")) == [
+        "cls_fold0.safetensors", "cls_fold1.safetensors", "cls_shared.safetensors"]
+    imagenet = lite_imagenet_state("tf_efficientnet_lite0")
+    shared = bundle.read_shared("classification")
+    assert torch.equal(shared["backbone.blocks.3.0.conv_pw.weight"], imagenet["blocks.3.0.conv_pw.weight"])
+    rows = [r for k in (0, 1) for r in csv_rows(out / "oof" / f"cls_fold{k}.csv")]
+    held = {r["image"]: r for r in rows if r["fold"] == "1"}
+    items = [i for i in subset(cls_items(HAM / "images", HAM / "labels.csv", HAM / "masks"), 70, 0)
+             if i.image_id in held][:6]
+    crops = TrainingSet(items, "classification", spec, bundle.crop, cache, False, pre=bundle.preprocessing)
+    model = load_fold_model(bundle, "classification", 1)
+    x = np.stack([normalize(crops.arrays(i)["crop"], spec) for i in range(len(items))])
+    with torch.no_grad():
+        probs = softmax(classify_with_tta(lambda b: model(torch.from_numpy(b)).numpy()[None], x, spec.tta))
+    expected = np.array([[float(held[i.image_id][c]) for c in CLASSES] for i in items])
+    np.testing.assert_allclose(probs, expected, atol=2e-5)  # the held-out fold's OOF rows are the bundle's output
+    metrics = json.loads((out / "metrics.json").read_text())["classification"]
+    provenance = json.loads((out / "bundle.json").read_text())["provenance"]["classification"]
+    assert metrics["images"] == len(rows) and set(provenance["frozen_backbone"]["chosen_c"]) == {"0", "1"}
+
+    monkeypatch.setattr(trainer.frozen, "extract_features", lambda *a, **k: pytest.fail("features recomputed"))
+    (out / "oof" / "cls_fold1.csv").unlink()
+    _edit = json.loads((out / "bundle.json").read_text())
+    _edit["classification"]["folds"] = [0]
+    (out / "bundle.json").write_text(json.dumps(_edit))
+    assert _train(*args, "--resume") == 0  # fold 1 again, from the cached features
+    assert [r["image"] for r in csv_rows(out / "oof" / "cls_fold1.csv")] == list(held)
+
+
+def test_frozen_backbone_refuses_segmentation_and_warm_start(tmp_path, capsys):
+    assert _train("--task", "seg", "--images", tmp_path, "--masks", tmp_path, "--out", tmp_path / "b",
+                  "--frozen-backbone") == 2
+    assert "--frozen-backbone trains a classifier" in capsys.readouterr().err
+
+
+def csv_rows(path):
+    import csv
+
+    return list(csv.DictReader(open(path)))

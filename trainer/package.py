@@ -42,8 +42,13 @@ def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_image
     dst.mkdir(parents=True, exist_ok=True)
     weights = {}
     for task in TASKS:
+        shared = source.read_shared(task)
+        if shared:  # stays stored once
+            file, digest = save_weights(dst, task, None, shared, half=task in half)
+            weights[file] = digest
         for fold in source.spec(task).folds:
-            file, digest = save_weights(dst, task, fold, source.read_weights(task, fold), half=task in half)
+            file, digest = save_weights(dst, task, fold, source.read_weights(task, fold, shared=False),
+                                        half=task in half)
             weights[file] = digest
     for item in COPIED:
         if (source.path / item).is_dir():

@@ -89,7 +89,7 @@ def load_pretrained(model: nn.Module, task: str, encoder: str, pretrained: str) 
             state = _timm_hub_state(name)
     else:
         state = _read_state(Path(pretrained))
-    backbone = model.encoder.model if task == "segmentation" else model
+    backbone = model.encoder.model if task == "segmentation" else getattr(model, "backbone", model)
     own = backbone.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = [k for k in own if k not in usable]
@@ -98,6 +98,16 @@ def load_pretrained(model: nn.Module, task: str, encoder: str, pretrained: str) 
     backbone.load_state_dict(usable, strict=False)
     log.info("%s: initialised %d/%d backbone tensors from %s (left random: %s)", task, len(usable), len(own),
              pretrained, ", ".join(skipped[:4]) + (" …" if len(skipped) > 4 else "") or "none")
+
+
+def pretrained_normalization(encoder: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the pretrained weights expect (timm's config; (0.5, 0.5) for the TF Lite models)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name(encoder))
+    if cfg is None:
+        raise UsageError(f"{encoder}: timm knows no pretrained configuration for it")
+    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def _timm_hub_state(name: str) -> dict[str, torch.Tensor]:

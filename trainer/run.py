@@ -42,6 +42,12 @@ def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: 
         raise UsageError(f"--class-weights {model_options['class_weights']!r}: choose {', '.join(CLASS_WEIGHTS)}")
     if model_options["tta"] not in TTA_MODES:
         raise UsageError(f"--tta {model_options['tta']!r}: choose none, flip or d4")
+    if model_options.get("frozen_backbone"):
+        if task != "classification":
+            raise UsageError("--frozen-backbone trains a classifier: use it with --task cls")
+        if model_options.get("warm_start") or model_options.get("pretrained") == "none":
+            raise UsageError("--frozen-backbone keeps the pretrained backbone: it goes with neither --warm-start "
+                             "nor --pretrained none")
     jobs: list[tuple[str, list[Item], str]] = []
     if task == "both":
         if images or labels:

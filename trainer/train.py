@@ -42,7 +42,7 @@ from trainer.losses import BceDiceLoss, ClassificationLoss, class_weights
 from trainer.masks import predict_missing_masks
 from trainer.metrics import classification_metrics, segmentation_metrics
 from trainer.oof import classification_oof, read_rows, segmentation_oof, write_rows
-from trainer.pretrained import load_pretrained
+from trainer.pretrained import load_pretrained, pretrained_normalization
 from trainer.splits import SPLITS_FILE, load_or_make
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class TaskOptions:
     encoder: str = "tf_efficientnet_lite0"
     pretrained: str = "imagenet"
     warm_start: Path | None = None
+    frozen_backbone: bool = False
     tta: str = "flip"
     crop: CropSpec = field(default_factory=CropSpec)
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
@@ -76,6 +77,10 @@ def model_spec(opts: TaskOptions) -> ModelSpec:
     size = opts.input_size or DEFAULT_INPUT[opts.task]
     seg = opts.task == "segmentation"
     encoder = f"tu-{opts.encoder}" if seg and not opts.encoder.startswith("tu-") else opts.encoder
+    if opts.frozen_backbone:  # the frozen batch-norm statistics need the input the weights were trained on
+        mean, std = pretrained_normalization(encoder)
+        return ModelSpec(opts.task, "timm-multistage", encoder, (size, size), mean, std, tuple(range(opts.folds)),
+                         tta=opts.tta)
     return ModelSpec(opts.task, opts.architecture or ("unet" if seg else "timm"), encoder, (size, size),
                      IMAGENET_MEAN, IMAGENET_STD, tuple(range(opts.folds)), tta=opts.tta)
 
@@ -140,9 +145,10 @@ def make_loss(opts: TaskOptions, train_items: list[Item]) -> torch.nn.Module:
 
 def _check_compatible(opts: TaskOptions, spec: ModelSpec, previous: dict | None, section: dict) -> None:
     """Refuse to mix this training into a bundle made with other settings."""
-    if section and (section.get("encoder") != spec.encoder or section.get("input_size") != list(spec.input_size)):
-        raise UsageError(f"{opts.out} already has a {opts.task} model with another encoder or input size; "
-                         "use a new --out")
+    if section and (section.get("encoder") != spec.encoder or section.get("input_size") != list(spec.input_size)
+                    or section.get("architecture") != spec.architecture):
+        raise UsageError(f"{opts.out} already has a {opts.task} model with another architecture, encoder or "
+                         "input size; use a new --out")
     if previous and PreprocessSpec(**previous.get("preprocessing", {})) != opts.preprocessing:
         raise UsageError(f"{opts.out} was trained with preprocessing {previous.get('preprocessing')}; "
                          "both models of a bundle share it: pass the same --color-constancy/--gamma, "
@@ -173,13 +179,28 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
     done = list(section.get("folds", [])) if opts.resume else []
     prefix = "seg" if opts.task == "segmentation" else "cls"
     weights = {name: digest for name, digest in (previous or {}).get("weights", {}).items()
-               if name.startswith(prefix) and int(re.search(r"fold(\d+)", name).group(1)) in done}
+               if name.startswith(prefix) and (m := re.search(r"fold(\d+)", name)) and int(m.group(1)) in done}
     cache = opts.cache_dir or default_cache_dir()
     provenance = {"command": sys.argv, "data": opts.data_description, "images": len(opts.items),
                   "pretrained": opts.pretrained, "warm_start": str(opts.warm_start) if opts.warm_start else None,
                   "fit": asdict(opts.fit), "class_weights": opts.class_weights,
                   "focal_gamma": opts.focal_gamma, "label_smoothing": opts.label_smoothing,
                   "torch": torch.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if opts.frozen_backbone:
+        from trainer.frozen import train_frozen
+
+        train_frozen(opts, spec, fold_of, done, weights, provenance, cache, _update_manifest, progress)
+    else:
+        _fine_tune_folds(opts, spec, fold_of, done, weights, provenance, cache, progress)
+    metrics = oof_metrics(opts.out, opts.task, opts.folds)
+    write_model_card(opts.out)
+    return metrics
+
+
+def _fine_tune_folds(opts: TaskOptions, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict,
+                     provenance: dict, cache: Path, progress=None) -> None:
+    """Every fold not in ``done``: fit the whole model, save its best epoch and its out-of-fold predictions."""
+    prefix = "seg" if opts.task == "segmentation" else "cls"
     for fold in range(opts.folds):
         if fold in done:
             log.info("%s fold %d: already in the bundle, skipped", opts.task, fold)
@@ -208,9 +229,6 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         checkpoint.unlink(missing_ok=True)  # the fold is in the bundle now; resuming skips it
         log.info("%s fold %d: best epoch %d, validation score %.4f; saved %s", opts.task, fold,
                  outcome.best_epoch, outcome.best_score, name)
-    metrics = oof_metrics(opts.out, opts.task, opts.folds)
-    write_model_card(opts.out)
-    return metrics
 
 
 def oof_metrics(out: Path, task: str, folds: int) -> dict:

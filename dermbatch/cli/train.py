@@ -29,6 +29,9 @@ def train_command(
     pretrained: str = typer.Option("imagenet", help="none | imagenet | PATH to a weights file."),
     warm_start: Path | None = typer.Option(None, "--warm-start", help="Start each fold from the same fold of "
                                            "this bundle (same model and split): train longer in a new run."),
+    frozen_backbone: bool = typer.Option(False, "--frozen-backbone", help="cls: keep the pretrained backbone "
+                                         "and fit only a linear classifier on its pooled stage features (minutes "
+                                         "on a CPU; --epochs/--lr/... do not apply)."),
     lr: float = typer.Option(1e-3, help="Head learning rate (the backbone gets lr x --backbone-lr-mult)."),
     backbone_lr_mult: float = typer.Option(0.1, help="Differential learning rate of the pretrained backbone."),
     head_warmup_epochs: int = typer.Option(0, help="Epochs training only the head (backbone frozen)."),
@@ -68,6 +71,7 @@ def train_command(
                balanced_sampling=balanced_sampling, seed=seed, workers=workers, device=str(resolve_device(device)))
     plans = plan_tasks(TASKS[task], out=out, data=data, images=images, masks=masks, labels=labels, folds=folds,
                        input_size=input_size, encoder=encoder, pretrained=pretrained, warm_start=warm_start,
+                       frozen_backbone=frozen_backbone,
                        tta=tta, class_weights=class_weights, focal_gamma=focal_gamma, label_smoothing=label_smoothing,
                        limit=limit, cache=cache, resume=resume, fit=fit,
                        preprocessing=PreprocessSpec(color_constancy=color_constancy, gamma=gamma))
