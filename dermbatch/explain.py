@@ -33,7 +33,7 @@ def target_layer(model: nn.Module) -> nn.Module | None:
     head put the heat around the lesion, not on it (more heat on the true lesion than a uniform map would put
     there: 10-15 % of 40 HAM10000 images, against 85 % for ``blocks[-2]``; see the README).
     """
-    blocks = getattr(model, "blocks", None)
+    blocks = getattr(getattr(model, "backbone", model), "blocks", None)  # timm-multistage wraps the timm model
     return blocks[-2] if isinstance(blocks, nn.Sequential) and len(blocks) >= 2 else None
 
 

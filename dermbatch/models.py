@@ -83,6 +83,29 @@ class MultiStageClassifier(nn.Module):
         return self.classifier(self.features(x))
 
 
+class SharedBackboneFolds(nn.Module):
+    """Fold models that differ only in their classifier: the features once, then each fold's classifier.
+
+    ``forward`` returns the folds' logits stacked, (F, N, K), as running every fold would.
+    """
+
+    def __init__(self, models: list[MultiStageClassifier]):
+        super().__init__()
+        self.folds = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.folds[0].features(x)
+        return torch.stack([model.classifier(features) for model in self.folds])
+
+
+def shares_backbone(models: list[nn.Module]) -> bool:
+    """True for two or more multistage classifiers with identical backbone weights (a frozen shared backbone)."""
+    if len(models) < 2 or not all(isinstance(m, MultiStageClassifier) for m in models):
+        return False
+    first = models[0].backbone.state_dict()
+    return all(all(torch.equal(first[k], v) for k, v in m.backbone.state_dict().items()) for m in models[1:])
+
+
 def _build_multistage(spec: ModelSpec, num_classes: int) -> nn.Module:
     return MultiStageClassifier(spec.encoder, num_classes)
 

@@ -29,24 +29,16 @@ class StackedFolds(nn.Module):
     """
 
     def __init__(self, models: list[nn.Module]):
+        from dermbatch.models import SharedBackboneFolds, shares_backbone
+
         super().__init__()
         self.folds = nn.ModuleList(models)
-        self.shared_features = _same_backbone(models)
+        self.shared = SharedBackboneFolds(models) if shares_backbone(models) else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.shared_features:
-            features = self.folds[0].features(images)
-            return torch.stack([model.classifier(features) for model in self.folds])
+        if self.shared is not None:
+            return self.shared(images)
         return torch.stack([model(images) for model in self.folds])
-
-
-def _same_backbone(models: list[nn.Module]) -> bool:
-    from dermbatch.models import MultiStageClassifier
-
-    if len(models) < 2 or not all(isinstance(m, MultiStageClassifier) for m in models):
-        return False
-    first = models[0].backbone.state_dict()
-    return all(all(torch.equal(first[k], v) for k, v in m.backbone.state_dict().items()) for m in models[1:])
 
 
 def export_module(module: nn.Module, input_size: tuple[int, int], path: Path, half: bool = False) -> Path:

@@ -138,3 +138,19 @@ def test_multistage_classifier_reads_every_late_stage():
         assert torch.allclose(model.features(x)[:, -1280:], head, atol=1e-6)  # the last part is timm's pooled head
     with pytest.raises(ValueError, match="EfficientNet-style"):
         MultiStageClassifier("mobilenetv3_small_050", 7)
+
+
+def test_torch_backend_computes_shared_features_once_with_each_folds_classifier(tmp_path):
+    import numpy as np
+
+    from dermbatch.backends.torch_backend import TorchBackend
+    from dermbatch.models import SharedBackboneFolds
+
+    bundle, _ = shared_backbone_bundle(tmp_path)
+    backend = TorchBackend(bundle, "cpu", {"classification": (0, 1)})
+    assert len(backend.models["classification"]) == 1
+    assert isinstance(backend.models["classification"][0], SharedBackboneFolds)
+    x = np.random.default_rng(0).normal(size=(6, 3, 64, 64)).astype(np.float32)  # more than one chunk of 4
+    with torch.no_grad():
+        expected = np.stack([load_fold_model(bundle, "classification", f)(torch.from_numpy(x)).numpy() for f in (0, 1)])
+    np.testing.assert_allclose(backend.classify(x), expected, atol=1e-5)

@@ -210,7 +210,7 @@ def test_folds_sharing_a_frozen_backbone_export_one_feature_pass(tmp_path):
 
     bundle, _ = shared_backbone_bundle(tmp_path / "b")
     stacked = load_stacked(bundle, "classification", (0, 1))
-    assert stacked.shared_features
+    assert stacked.shared is not None
     path = export_module(stacked, (64, 64), tmp_path / "cls.onnx")
     convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
     single = export_module(load_stacked(bundle, "classification", (0,)), (64, 64), tmp_path / "one.onnx")

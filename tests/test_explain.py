@@ -145,3 +145,14 @@ def test_default_bundle_heatmaps_land_on_the_lesion():
         wins.append(heat_in_mask(r.heatmap, lesion) > lesion.mean())
     assert len(results) >= 35
     assert np.mean(wins) >= 0.7, f"heat on the lesion more than uniform for only {np.mean(wins):.0%} of images"
+
+
+def test_grad_cam_of_a_multistage_classifier_reads_its_backbone():
+    from dermbatch.explain import target_layer
+    from dermbatch.models import MultiStageClassifier
+
+    torch.manual_seed(0)
+    model = MultiStageClassifier("test_efficientnet", 7).eval()
+    assert target_layer(model) is model.backbone.blocks[-2]
+    cams = grad_cam(model, torch.randn(2, 3, 64, 64), torch.tensor([0, 3]))
+    assert cams.shape == (2, 4, 4) and float(cams.max()) <= 1  # test_efficientnet: stride 16 at blocks[-2]
