@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import add_model_option, bench_bundle, real_images, report
 from dermbatch.backends import resolve_backend_name
 from dermbatch.bundle import load_bundle
-from dermbatch.models import load_fold_model
+from dermbatch.models import SharedBackboneFolds, load_fold_model, shares_backbone
 from dermbatch.pipeline import RunOptions, run
 from dermbatch.postprocess import mask_from_logits
 from dermbatch.predictor import Predictor
@@ -41,6 +41,9 @@ def naive_loop(bundle_path: Path, images: list[Path], tta: str) -> dict[str, np.
     seg_spec, cls_spec = bundle.segmentation, bundle.classification
     seg_models = [load_fold_model(bundle, "segmentation", f) for f in seg_spec.folds]
     cls_models = [load_fold_model(bundle, "classification", f) for f in cls_spec.folds]
+    if shares_backbone(cls_models):  # the same model work as run: the shared features once, every classifier
+        shared = SharedBackboneFolds(cls_models)
+        cls_models = [lambda x: shared(x).mean(0)]  # the fold mean; averaged over views below
     out = {}
     for path in images:
         rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)

@@ -47,14 +47,15 @@ def _build_timm(spec: ModelSpec, num_classes: int) -> nn.Module:
 
 
 class MultiStageClassifier(nn.Module):
-    """A timm EfficientNet/MobileNet whose linear classifier reads the global-average-pooled output of the
-    last ``stages`` block stages and of the head convolution, concatenated (a hypercolumn-style head).
+    """A timm EfficientNet-style model whose linear classifier reads, for every block stage and the head
+    convolution, the spatial mean and standard deviation of each channel, concatenated.
 
-    Mid-level stages carry the colour and texture statistics that dermoscopy turns on; with the backbone
-    kept at its ImageNet weights (``dermbatch train --frozen-backbone``) only ``classifier`` is learnt.
+    Means and standard deviations of mid-level channels are colour and texture statistics, which dermoscopy
+    turns on; with the backbone kept at its ImageNet weights (``dermbatch train --frozen-backbone``) only
+    ``classifier`` is learnt.
     """
 
-    def __init__(self, encoder: str, num_classes: int, stages: int = 5):
+    def __init__(self, encoder: str, num_classes: int):
         import timm
 
         super().__init__()
@@ -62,21 +63,20 @@ class MultiStageClassifier(nn.Module):
         missing = [a for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2") if not hasattr(self.backbone, a)]
         if missing:
             raise ValueError(f"{encoder} has no {missing[0]}; timm-multistage needs an EfficientNet-style model")
-        self.first_stage = len(self.backbone.blocks) - stages
-        with torch.no_grad():  # widths of the pooled outputs, whatever the encoder
+        with torch.no_grad():  # the width of the pooled features, whatever the encoder
             self.num_features = self.features(torch.zeros(1, 3, 64, 64)).shape[1]
         self.classifier = nn.Linear(self.num_features, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, num_features): the pooled stage outputs the classifier reads."""
+        """(N, 3, H, W) -> (N, num_features): per stage, the channels' spatial means, then their std."""
         b = self.backbone
         x = b.bn1(b.conv_stem(x))
         pooled = []
-        for i, block in enumerate(b.blocks):
+        for block in b.blocks:
             x = block(x)
-            if i >= self.first_stage:
-                pooled.append(x.mean((2, 3)))
-        pooled.append(b.bn2(b.conv_head(x)).mean((2, 3)))
+            pooled += [x.mean((2, 3)), x.std((2, 3))]
+        x = b.bn2(b.conv_head(x))
+        pooled += [x.mean((2, 3)), x.std((2, 3))]
         return torch.cat(pooled, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -126,16 +126,18 @@ def test_a_tampered_shared_file_or_a_tensor_in_both_files_is_refused(tmp_path):
         load_bundle(other).read_weights("classification", 0)
 
 
-def test_multistage_classifier_reads_every_late_stage():
+def test_multistage_classifier_reads_the_mean_and_std_of_every_stage():
     from dermbatch.models import MultiStageClassifier
 
     model = MultiStageClassifier("tf_efficientnet_lite0", 7).eval()
-    assert model.num_features == 40 + 80 + 112 + 192 + 320 + 1280
+    assert model.num_features == 2 * (16 + 24 + 40 + 80 + 112 + 192 + 320 + 1280)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(model(x), model.classifier(model.features(x)))
         head = model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True)
-        assert torch.allclose(model.features(x)[:, -1280:], head, atol=1e-6)  # the last part is timm's pooled head
+        features = model.features(x)
+        assert torch.allclose(features[:, -2560:-1280], head, atol=1e-6)  # timm's pooled head, then its std
+        assert torch.allclose(features[:, -1280:], model.backbone.forward_features(x).std((2, 3)), atol=1e-6)
     with pytest.raises(ValueError, match="EfficientNet-style"):
         MultiStageClassifier("mobilenetv3_small_050", 7)
 
