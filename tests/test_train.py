@@ -186,6 +186,7 @@ def test_frozen_backbone_fits_linear_heads_whose_oof_equals_the_bundle_with_tta(
     metrics = json.loads((out / "metrics.json").read_text())["classification"]
     provenance = json.loads((out / "bundle.json").read_text())["provenance"]["classification"]
     assert metrics["images"] == len(rows) and set(provenance["frozen_backbone"]["chosen_c"]) == {"0", "1"}
+    assert "backbone frozen at its imagenet weights" in (out / "README.md").read_text()
 
     monkeypatch.setattr(trainer.frozen, "extract_features", lambda *a, **k: pytest.fail("features recomputed"))
     (out / "oof" / "cls_fold1.csv").unlink()

@@ -39,6 +39,13 @@ def write_model_card(bundle_dir: Path) -> Path:
                   f"- data: {prov.get('data', '–')} ({prov.get('images', '–')} images), "
                   f"initialisation: {prov.get('pretrained', '–')}",
                   f"- trained with: `{_command(prov.get('command', []))}`", ""]
+        frozen = prov.get("frozen_backbone")
+        if frozen:
+            chosen = ", ".join(f"fold {k}: {c:g}" for k, c in sorted(frozen.get("chosen_c", {}).items()))
+            lines[-1:-1] = [f"- training: backbone frozen at its {prov.get('pretrained', '–')} weights; per fold a "
+                            "class-weighted logistic regression on its pooled features, L2 inverse strength C "
+                            f"chosen by {frozen.get('inner_folds')}-fold grouped inner cross-validation "
+                            f"from {frozen.get('c_grid')} ({chosen})"]
         m = metrics.get(task)
         if not m:
             continue
@@ -56,7 +63,8 @@ def write_model_card(bundle_dir: Path) -> Path:
             lines.append("")
         speed = m.get("train_images_per_s")
         if speed:
-            lines += [f"Training speed: {speed:.1f} images/s (mean over epochs and folds).", ""]
+            what = "Feature extraction" if frozen else "Training speed"
+            lines += [f"{what}: {speed:.1f} images/s{'' if frozen else ' (mean over epochs and folds)'}.", ""]
     packed = manifest.get("provenance", {}).get("packed")
     if packed:
         check = (f"; on {packed['images']} images its probabilities differ from the original's by at most "
