@@ -29,7 +29,8 @@ def target_layer(model: nn.Module) -> nn.Module | None:
     """The layer Grad-CAM reads: for timm's EfficientNet/MobileNet family, the output of the second-to-last stage
     (``blocks[-2]``); None means the final feature map (``forward_features``).
 
-    Why not the last stage: on a fine-tuned classifier (the previous default bundle's), maps from the last stage and the 1x1
+    Why not the last stage: on a fine-tuned classifier (the previous default bundle's), maps from the last
+    stage and the 1x1
     head put the heat around the lesion, not on it (more heat on the true lesion than a uniform map would put
     there: 10-15 % of 40 HAM10000 images, against 85 % for ``blocks[-2]``; see the README). For a
     ``timm-multistage`` classifier on a frozen ImageNet backbone it is the last stage, ``backbone.blocks[-1]``:
