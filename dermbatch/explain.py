@@ -30,9 +30,8 @@ def target_layer(model: nn.Module) -> nn.Module | None:
     (``blocks[-2]``); None means the final feature map (``forward_features``).
 
     Why not the last stage: on a fine-tuned classifier (the previous default bundle's), maps from the last
-    stage and the 1x1
-    head put the heat around the lesion, not on it (more heat on the true lesion than a uniform map would put
-    there: 10-15 % of 40 HAM10000 images, against 85 % for ``blocks[-2]``; see the README). For a
+    stage and the 1x1 head put the heat around the lesion, not on it (more heat on the true lesion than a
+    uniform map would put there: 10-15 % of 40 HAM10000 images, against 85 % for ``blocks[-2]``; see the README). For a
     ``timm-multistage`` classifier on a frozen ImageNet backbone it is the last stage, ``backbone.blocks[-1]``:
     90 % and 82 % on two disjoint sets of 40 images, against 68 % for ``blocks[-2]``.
     """
