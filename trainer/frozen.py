@@ -56,20 +56,23 @@ def extract_features(model, spec: ModelSpec, dataset: TrainingSet, device: str, 
     return np.concatenate(parts)
 
 
-def cached_features(path: Path, key: dict, ids: list[str], compute) -> np.ndarray:
-    """Features from ``path`` when they were made with ``key`` for exactly ``ids``, else ``compute()`` (saved)."""
+def cached_features(path: Path, key: dict, ids: list[str], compute) -> tuple[np.ndarray, float]:
+    """(features, images/s of their extraction): from ``path`` when they were made with ``key`` for exactly
+    ``ids``, else from ``compute()`` (then saved there)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     if path.exists():
         with np.load(path) as saved:
             if str(saved["key"]) == digest and saved["ids"].tolist() == ids:
                 log.info("classification: reusing the frozen features in %s", path)
-                return saved["features"]
+                return saved["features"], float(saved["images_per_s"])
+    start = time.perf_counter()
     features = compute()
+    speed = len(ids) / (time.perf_counter() - start)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, key=digest, ids=np.array(ids), features=features)
+    np.savez(tmp, key=digest, ids=np.array(ids), features=features, images_per_s=speed)
     tmp.replace(path)
-    return features
+    return features, speed
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, groups: list[str], weight_mode: str, seed: int,
@@ -125,39 +128,44 @@ def train_frozen(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int]
     ids = [i.image_id for i in opts.items]
     key = {"spec": asdict(spec) | {"folds": None}, "crop": asdict(opts.crop), "pre": asdict(opts.preprocessing),
            "backbone": _tensor_digest(model.backbone.state_dict())}
-    start = time.perf_counter()
-    features = cached_features(opts.out / "checkpoints" / "cls_features.npz", key, ids,
-                               lambda: extract_features(model, spec, dataset, opts.fit.device, progress=progress))
-    speed = len(ids) / (time.perf_counter() - start)
+    features, speed = cached_features(opts.out / "checkpoints" / "cls_features.npz", key, ids,
+                                      lambda: extract_features(model, spec, dataset, opts.fit.device,
+                                                               progress=progress))
     shared = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
     name, digest = save_weights(opts.out, opts.task, None, shared)
     weights[name] = digest
     labels = np.array([i.label for i in opts.items])
     groups = [i.group or i.image_id for i in opts.items]
     folds = np.array([fold_of[i] for i in ids])
-    chosen = {}
+    earlier = _previous_frozen_provenance(opts.out) if done else {}
+    frozen = provenance["frozen_backbone"] = {"c_grid": list(C_GRID), "inner_folds": INNER_FOLDS,
+                                              "chosen_c": {k: c for k, c in earlier.get("chosen_c", {}).items()
+                                                           if int(k) in done}}
     for fold in range(opts.folds):
         if fold in done:
             continue
         train, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-        weight, bias, chosen[fold] = fit_linear(features[train], labels[train], [groups[i] for i in train],
-                                                opts.class_weights, opts.fit.seed)
+        weight, bias, c = fit_linear(features[train], labels[train], [groups[i] for i in train],
+                                     opts.class_weights, opts.fit.seed)
         probs = softmax(features[held].astype(np.float64) @ weight.T + bias)
         write_rows(opts.out / "oof" / f"cls_fold{fold}.csv",
                    [{"image": ids[i], "label": CLASSES[labels[i]], **dict(zip(CLASSES, map(float, p), strict=True))}
                     for i, p in zip(held, probs, strict=True)], fold)
         score = classification_metrics(probs, labels[held])
-        _log_fold(opts.out / "logs" / f"cls_fold{fold}.csv", score, chosen[fold], speed)
+        _log_fold(opts.out / "logs" / f"cls_fold{fold}.csv", score, c, speed)
         name, digest = save_weights(opts.out, opts.task, fold, {"classifier.weight": torch.from_numpy(weight),
                                                                 "classifier.bias": torch.from_numpy(bias)})
         weights[name] = digest
         done.append(fold)
-        provenance["frozen_backbone"] = {"c_grid": list(C_GRID), "inner_folds": INNER_FOLDS,
-                                         "chosen_c": {**provenance.get("frozen_backbone", {}).get("chosen_c", {}),
-                                                      **{str(k): v for k, v in chosen.items()}}}
+        frozen["chosen_c"][str(fold)] = c
         update_manifest(opts, spec, done, weights, provenance)
-        log.info("classification fold %d: C=%g, held-out balanced accuracy %.4f, macro AUC %.4f", fold,
-                 chosen[fold], score["balanced_accuracy"], score["macro_auc"])
+        log.info("classification fold %d: C=%g, held-out balanced accuracy %.4f, macro AUC %.4f", fold, c,
+                 score["balanced_accuracy"], score["macro_auc"])
+
+
+def _previous_frozen_provenance(out: Path) -> dict:
+    manifest = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else {}
+    return manifest.get("provenance", {}).get("classification", {}).get("frozen_backbone") or {}
 
 
 def _tensor_digest(state: dict) -> str:
