@@ -207,3 +207,24 @@ def csv_rows(path):
     import csv
 
     return list(csv.DictReader(open(path)))
+
+
+def test_fit_linear_gives_sklearns_probabilities_on_raw_features_also_with_two_classes():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from dermbatch.tta import softmax
+    from trainer.frozen import fit_linear
+
+    rng = np.random.default_rng(0)
+    for classes in ((0, 1, 4), (2, 5)):
+        y = np.array([classes[i % len(classes)] for i in range(60)])
+        x = rng.normal(size=(60, 5)) * 3 + 10 + y[:, None]  # off-centre, unscaled: the scaler is folded in
+        weight, bias, c = fit_linear(x, y, [str(i) for i in range(60)], "balanced", 0, grid=(0.5,))
+        scaler = StandardScaler().fit(x)
+        weights = {k: 60 / (7 * np.sum(y == k)) for k in classes}  # dermbatch's "balanced": n / (7 * count)
+        reference = LogisticRegression(C=0.5, class_weight=weights, max_iter=5000).fit(scaler.transform(x), y)
+        probs = softmax(x @ weight.T + bias)
+        np.testing.assert_allclose(probs[:, list(classes)], reference.predict_proba(scaler.transform(x)), atol=1e-4)
+        assert probs[:, [k for k in range(7) if k not in classes]].max() < 1e-10 and c == 0.5

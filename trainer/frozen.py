@@ -1,9 +1,9 @@
 """``dermbatch train --task cls --frozen-backbone``: k-fold linear classifiers on frozen ImageNet features.
 
 The backbone keeps its pretrained weights and is stored once in the bundle (``cls_shared.safetensors``);
-each fold learns only the ``timm-multistage`` classifier, a multinomial logistic regression on the pooled
-outputs of the late stages and the head convolution, with its L2 strength chosen by a grouped, stratified
-inner cross-validation on the fold's own training images (never on its held-out fold).
+each fold learns only the ``timm-multistage`` classifier, a multinomial logistic regression on the channel
+means and standard deviations of every stage and of the head convolution, with its L2 strength chosen by a
+grouped, stratified inner cross-validation on the fold's own training images (never on its held-out fold).
 
 Features are extracted once per image from the exact crop ``dermbatch run`` makes, averaged over the
 bundle's TTA views: the pipeline averages logits over views, and through a linear classifier that equals
@@ -89,10 +89,13 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups: list[str], weight_mode: str
         weights = class_weights(y[rows].tolist(), len(CLASSES), weight_mode).tolist()
         clf = LogisticRegression(C=c, class_weight=dict(enumerate(weights)), max_iter=5000)
         clf.fit(scaler.transform(x[rows]), y[rows])
+        coef, intercept = clf.coef_, clf.intercept_
+        if len(clf.classes_) == 2:  # sklearn's binary form: one logit d; as two softmax logits, (-d/2, d/2)
+            coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
         weight = np.zeros((len(CLASSES), x.shape[1]))
         bias = np.full(len(CLASSES), ABSENT_LOGIT)
-        weight[clf.classes_] = clf.coef_ / scaler.scale_
-        bias[clf.classes_] = clf.intercept_ - weight[clf.classes_] @ scaler.mean_
+        weight[clf.classes_] = coef / scaler.scale_
+        bias[clf.classes_] = intercept - weight[clf.classes_] @ scaler.mean_
         return weight, bias
 
     def inner_score(c):
