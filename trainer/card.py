@@ -38,14 +38,15 @@ def write_model_card(bundle_dir: Path) -> Path:
                   f"folds {section['folds']}, TTA {section['tta']}",
                   f"- data: {prov.get('data', '–')} ({prov.get('images', '–')} images), "
                   f"initialisation: {prov.get('pretrained', '–')}",
-                  f"- trained with: `{_command(prov.get('command', []))}`", ""]
+                  f"- trained with: `{_command(prov.get('command', []))}`"]
         frozen = prov.get("frozen_backbone")
         if frozen:
             chosen = ", ".join(f"fold {k}: {c:g}" for k, c in sorted(frozen.get("chosen_c", {}).items()))
-            lines[-1:-1] = [f"- training: backbone frozen at its {prov.get('pretrained', '–')} weights; per fold a "
-                            "class-weighted logistic regression on its pooled features, L2 inverse strength C "
-                            f"chosen by {frozen.get('inner_folds')}-fold grouped inner cross-validation "
-                            f"from {frozen.get('c_grid')} ({chosen})"]
+            lines.append(f"- training: backbone frozen at its {prov.get('pretrained', '–')} weights; per fold a "
+                         "class-weighted logistic regression on its pooled features, L2 inverse strength C "
+                         f"chosen by {frozen.get('inner_folds')}-fold grouped inner cross-validation "
+                         f"from {frozen.get('c_grid')} ({chosen})")
+        lines.append("")
         m = metrics.get(task)
         if not m:
             continue

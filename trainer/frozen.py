@@ -119,14 +119,12 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups: list[str], weight_mode: str
 
 
 def train_frozen(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict,
-                 provenance: dict, cache: Path, update_manifest, progress=None) -> None:
+                 provenance: dict, cache: Path, progress=None) -> None:
     """Every fold not in ``done``: fit its classifier, save it and its out-of-fold predictions."""
-    from dermbatch.models import build_model
     from trainer.oof import write_rows
-    from trainer.pretrained import load_pretrained
+    from trainer.train import _existing_manifest, _update_manifest, new_model
 
-    model = build_model(spec, num_classes=len(CLASSES))
-    load_pretrained(model, opts.task, spec.encoder, opts.pretrained)
+    model = new_model(opts, spec, 0)  # the pretrained backbone; every fold shares it
     dataset = TrainingSet(opts.items, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
     ids = [i.image_id for i in opts.items]
     key = {"spec": asdict(spec) | {"folds": None}, "crop": asdict(opts.crop), "pre": asdict(opts.preprocessing),
@@ -140,7 +138,8 @@ def train_frozen(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int]
     labels = np.array([i.label for i in opts.items])
     groups = [i.group or i.image_id for i in opts.items]
     folds = np.array([fold_of[i] for i in ids])
-    earlier = _previous_frozen_provenance(opts.out) if done else {}
+    earlier = ((_existing_manifest(opts.out) or {}).get("provenance", {}).get("classification", {})
+               .get("frozen_backbone") or {}) if done else {}
     frozen = provenance["frozen_backbone"] = {"c_grid": list(C_GRID), "inner_folds": INNER_FOLDS,
                                               "chosen_c": {k: c for k, c in earlier.get("chosen_c", {}).items()
                                                            if int(k) in done}}
@@ -161,14 +160,9 @@ def train_frozen(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int]
         weights[name] = digest
         done.append(fold)
         frozen["chosen_c"][str(fold)] = c
-        update_manifest(opts, spec, done, weights, provenance)
+        _update_manifest(opts, spec, done, weights, provenance)
         log.info("classification fold %d: C=%g, held-out balanced accuracy %.4f, macro AUC %.4f", fold, c,
                  score["balanced_accuracy"], score["macro_auc"])
-
-
-def _previous_frozen_provenance(out: Path) -> dict:
-    manifest = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else {}
-    return manifest.get("provenance", {}).get("classification", {}).get("frozen_backbone") or {}
 
 
 def _tensor_digest(state: dict) -> str:

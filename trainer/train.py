@@ -189,7 +189,7 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
     if opts.frozen_backbone:
         from trainer.frozen import train_frozen
 
-        train_frozen(opts, spec, fold_of, done, weights, provenance, cache, _update_manifest, progress)
+        train_frozen(opts, spec, fold_of, done, weights, provenance, cache, progress)
     else:
         _fine_tune_folds(opts, spec, fold_of, done, weights, provenance, cache, progress)
     metrics = oof_metrics(opts.out, opts.task, opts.folds)
