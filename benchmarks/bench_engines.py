@@ -37,9 +37,10 @@ def throughput(fn, x: np.ndarray, repeats: int) -> float:
 def per_fold_sessions(bundle, task: str, folder: Path):
     import onnxruntime as ort
 
+    from dermbatch.backends.onnxruntime import session_options
+    from dermbatch.backends.store import INPUT
     from dermbatch.models import load_fold_model
-    from engines.onnx_export import INPUT, export_module
-    from engines.ort_backend import session_options
+    from engines.export import export_module
 
     spec = bundle.spec(task)
     sessions = [ort.InferenceSession(str(export_module(load_fold_model(bundle, task, f), spec.input_size,
@@ -71,7 +72,7 @@ def main() -> None:
         data = calibration_inputs(bundle_path, images, limit=args.images)
         wanted = ["onnxruntime:fp32"] + ["onnxruntime:int8"] * args.int8
         if args.openvino:
-            from engines.openvino_backend import cpu_has_bf16
+            from dermbatch.backends.openvino import cpu_has_bf16
 
             wanted += ["openvino:fp32"] + ["openvino:bf16"] * cpu_has_bf16()
         engines = [ensure_engine(bundle, engine, data) for engine in wanted]
@@ -102,7 +103,7 @@ def main() -> None:
             for r in same:
                 r["vs torch"] = r["images/s"] / same[0]["images/s"]
         info = load_bundle(bundle_path)
-        from engines.store import find_engine
+        from dermbatch.backends.store import find_engine
 
         for target, precision in engines:
             extra[f"agreement {target} {precision}"] = find_engine(info, target, precision)[1]["agreement"]

@@ -47,8 +47,8 @@ def ensure_engine(bundle, engine: str, calibration: dict) -> tuple[str, str | No
     """Build ``engine`` ("torch", "onnxruntime:fp32", "onnxruntime:int8", "openvino:fp32", "openvino:bf16") unless
     it is there; return (backend, precision). Reduced-precision engines are kept whatever their agreement: the
     benchmarks measure it."""
+    from dermbatch.backends.store import find_engine
     from engines.build import build_onnxruntime_fp32, build_onnxruntime_int8, build_openvino
-    from engines.store import find_engine
 
     backend, _, precision = engine.partition(":")
     if backend == "torch":

@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 from dermbatch.bundle import CLASSES, Bundle, load_bundle
 from dermbatch.errors import BackendError, BundleError, DermbatchError, ImageError, OutputError, UsageError
-from dermbatch.predictor import Predictor, Result
+from dermbatch.predictor import Predictor
+from dermbatch.result import Result
 
 __all__ = [
     "CLASSES",

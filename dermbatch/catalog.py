@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from dermbatch.backends.store import engine_roots
 from dermbatch.bundle import DEFAULT_BUNDLE_DIR, MANIFEST, Bundle, load_bundle
 
 
@@ -42,12 +43,7 @@ def summary(bundle: Bundle) -> dict:
         out[task] = entry
     out["crop"] = vars(bundle.crop)
     out["preprocessing"] = vars(bundle.preprocessing)
-    try:
-        from engines.store import engine_roots  # the bundle's own folder and the per-user cache
-
-        roots = engine_roots(bundle)
-    except ImportError:  # a core-only install
-        roots = [bundle.path / "engines"]
+    roots = engine_roots(bundle)  # the bundle's own folder and the per-user cache
     out["engines"] = sorted({p.name for root in roots if root.is_dir() for p in root.iterdir()
                              if (p / "engine.json").exists()})
     out["model_card"] = str(bundle.path / "README.md") if (bundle.path / "README.md").exists() else None

@@ -136,7 +136,7 @@ class Explainer:
 
     def __init__(self, bundle: Bundle, folds: tuple[int, ...], device: str = "auto", guided: bool = False,
                  backend_name: str = "torch"):
-        from dermbatch.backends.torch_backend import resolve_device
+        from dermbatch.backends.torch import resolve_device
         from dermbatch.models import load_fold_model
 
         self.spec = bundle.spec("classification")

@@ -25,8 +25,9 @@ from dermbatch.outputs import (
     read_complete_rows,
     write_bytes_atomic,
 )
-from dermbatch.predictor import Predictor, Result
+from dermbatch.predictor import Predictor
 from dermbatch.report import write_report
+from dermbatch.result import Result
 from dermbatch.writer import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -121,70 +122,95 @@ def _resume_state(options: RunOptions) -> tuple[set[str], list[dict], list[dict]
 
 
 def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
-        on_result: Callable[[Result], None] | None = None) -> RunSummary:
-    """Process every input image and stream the outputs; return the counts (exit code 3 if any failed)."""
+        on_result: Callable[[Result], None] | None = None, first_use=None) -> RunSummary:
+    """Process every input image and stream the outputs; return the counts (exit code 3 if any failed).
+
+    ``first_use``: the hook that may build an engine for the installed default bundle (the CLI passes it in)."""
     start = time.perf_counter()
     items = discover_inputs(options.inputs, recursive=options.recursive)
     summary = RunSummary(total=len(items))
     with RunLock(options.out):
-        done, keep_results, keep_details = _resume_state(options)
-        pending: list[InputImage] = [i for i in items if i.image_id not in done]
-        summary.skipped = len(items) - len(pending)
-        if summary.skipped:
-            log.info("resume: %d of %d images already in %s", summary.skipped, len(items), options.out)
+        pending, keep_results, keep_details = _pending(options, items, summary)
         load_start = time.perf_counter()
-        predictor = Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
-                              folds=options.folds, batch_size=options.batch_size, workers=options.workers,
-                              precision=options.precision)
-        with predictor:
-            explainer = None
-            if options.explain is not None:
-                explainer = Explainer(predictor.bundle, predictor.folds["classification"], options.device,
-                                      options.guided, predictor.describe()["backend"])
+        with _predictor(options, first_use) as predictor:
+            explainer = _explainer(options, predictor)
             summary.startup = time.perf_counter() - load_start
             writer = OutputWriter(CsvAppender(options.out, RESULT_COLUMNS, keep_results),
                                   CsvAppender(options.details, DETAIL_COLUMNS, keep_details),
                                   masks=options.masks, annotate=options.annotate, crops=options.crops,
                                   explain=options.explain, report=options.report)
-            report_page = options.report / "index.html" if options.report is not None else None
-            summary.outputs = {k: str(v) for k, v in (("results", options.out), ("details", options.details),
-                               ("masks", options.masks), ("annotate", options.annotate), ("crops", options.crops),
-                               ("explain", options.explain), ("report", report_page),
-                               ("manifest", options.manifest)) if v is not None}
-            explain_seconds = 0.0
+            summary.outputs = _output_paths(options)
             write_manifest(options, predictor, summary)
             if on_start:
                 on_start(len(pending))
-            try:
-                for batch in batched(predictor.predict(pending), options.batch_size):
-                    if explainer is not None:
-                        explain_start = time.perf_counter()
-                        explainer.explain(batch)
-                        explain_seconds += time.perf_counter() - explain_start
-                    writer.submit(batch)
-                    for result in batch:
-                        summary.ok += result.ok
-                        summary.failed += not result.ok
-                        if on_result:
-                            on_result(result)
-                summary.status = "finished"
-            except KeyboardInterrupt:
-                summary.status = "interrupted"
-                raise
-            finally:
-                try:
-                    writer.close()
-                finally:
-                    summary.elapsed = time.perf_counter() - start
-                    summary.seconds = {**predictor.seconds, "write": writer.seconds}
-                    if explainer is not None:
-                        summary.seconds["explain"] = explain_seconds
-                    if summary.status == "running":
-                        summary.status = "failed"
-                    write_manifest(options, predictor, summary)
+            _stream(options, predictor, explainer, writer, pending, summary, on_result, start)
             if options.report is not None:
                 write_run_report(options, predictor, summary)
     return summary
+
+
+def _pending(options: RunOptions, items: list[InputImage], summary: RunSummary):
+    """The images still to do, and the rows of both CSVs to keep (``--resume``)."""
+    done, keep_results, keep_details = _resume_state(options)
+    pending = [i for i in items if i.image_id not in done]
+    summary.skipped = len(items) - len(pending)
+    if summary.skipped:
+        log.info("resume: %d of %d images already in %s", summary.skipped, len(items), options.out)
+    return pending, keep_results, keep_details
+
+
+def _predictor(options: RunOptions, first_use) -> Predictor:
+    return Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
+                     folds=options.folds, batch_size=options.batch_size, workers=options.workers,
+                     precision=options.precision, first_use=first_use)
+
+
+def _explainer(options: RunOptions, predictor: Predictor) -> Explainer | None:
+    if options.explain is None:
+        return None
+    return Explainer(predictor.bundle, predictor.folds["classification"], options.device, options.guided,
+                     predictor.describe()["backend"])
+
+
+def _output_paths(options: RunOptions) -> dict[str, str]:
+    report_page = options.report / "index.html" if options.report is not None else None
+    return {k: str(v) for k, v in (("results", options.out), ("details", options.details),
+            ("masks", options.masks), ("annotate", options.annotate), ("crops", options.crops),
+            ("explain", options.explain), ("report", report_page), ("manifest", options.manifest)) if v is not None}
+
+
+def _stream(options: RunOptions, predictor: Predictor, explainer: Explainer | None, writer: OutputWriter,
+            pending: list[InputImage], summary: RunSummary, on_result, start: float) -> None:
+    """Predict, explain and hand each batch to the writer as it comes; close the writer and record the
+    counts and stage times in the manifest whatever happens (an interrupted run keeps what it wrote)."""
+    explain_seconds = 0.0
+    try:
+        for batch in batched(predictor.predict(pending), options.batch_size):
+            if explainer is not None:
+                explain_start = time.perf_counter()
+                explainer.explain(batch)
+                explain_seconds += time.perf_counter() - explain_start
+            writer.submit(batch)
+            for result in batch:
+                summary.ok += result.ok
+                summary.failed += not result.ok
+                if on_result:
+                    on_result(result)
+        summary.status = "finished"
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise
+    finally:
+        try:
+            writer.close()
+        finally:
+            summary.elapsed = time.perf_counter() - start
+            summary.seconds = {**predictor.seconds, "write": writer.seconds}
+            if explainer is not None:
+                summary.seconds["explain"] = explain_seconds
+            if summary.status == "running":
+                summary.status = "failed"
+            write_manifest(options, predictor, summary)
 
 
 def write_run_report(options: RunOptions, predictor: Predictor, summary: RunSummary) -> None:

@@ -11,10 +11,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
 
 from dermbatch.backends import create_backend
@@ -24,56 +21,12 @@ from dermbatch.imageio import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import Sample, batched, iter_samples
 from dermbatch.manifest import TTA_MODES
-from dermbatch.postprocess import Box, mask_from_logits, scale_box
+from dermbatch.postprocess import mask_from_logits, scale_box
 from dermbatch.preprocess import correct_colors, lesion_crop, model_input
+from dermbatch.result import Result
 from dermbatch.tta import classify_with_tta, segment_with_tta, softmax, views
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Result:
-    """Everything known about one image. ``image``/``mask``/``crop`` are at working resolution."""
-
-    image_id: str
-    path: Path
-    classes: tuple[str, ...]
-    probabilities: np.ndarray | None = None  # (K,) float, sums to 1
-    lesion_found: bool = False
-    bbox: Box | None = None  # crop box in original pixels
-    area_fraction: float = 0.0
-    error: str | None = None
-    original_size: tuple[int, int] | None = None  # (height, width)
-    image: np.ndarray | None = field(default=None, repr=False)
-    mask: np.ndarray | None = field(default=None, repr=False)  # uint8 0/1
-    crop: np.ndarray | None = field(default=None, repr=False)
-    crop_box: Box | None = None  # in working pixels
-    heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM, float32 [0, 1] at crop size
-    guided: np.ndarray | None = field(default=None, repr=False)  # guided Grad-CAM, RGB uint8 at crop size
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def label(self) -> str | None:
-        return None if self.probabilities is None else self.classes[int(np.argmax(self.probabilities))]
-
-    @property
-    def confidence(self) -> float | None:
-        return None if self.probabilities is None else float(np.max(self.probabilities))
-
-    def top(self, k: int = 3) -> list[tuple[str, float]]:
-        order = np.argsort(-self.probabilities)[:k]
-        return [(self.classes[i], float(self.probabilities[i])) for i in order]
-
-    def full_size_mask(self) -> np.ndarray:
-        """The mask as 0/255 uint8 at the original image size (ISIC Task 1 format)."""
-        height, width = self.original_size
-        mask = self.mask
-        if mask.shape != (height, width):
-            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-        return mask * np.uint8(255)
 
 
 def segment_images(model_fn, spec: ModelSpec, images: list[np.ndarray], tta: str) -> list[np.ndarray]:
@@ -111,7 +64,7 @@ class Predictor:
     def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "auto",
                  tta: str | None = None, folds: str | Iterable[int] | None = "all", batch_size: int = 8,
                  workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True,
-                 precision: str | None = None):
+                 precision: str | None = None, first_use=None):
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if workers < 0:
@@ -131,7 +84,8 @@ class Predictor:
         # JPEGs are decoded at reduced scale only while the shorter side keeps 4x the classifier's input,
         # so a lesion covering a quarter of the image still reaches the classifier at full resolution.
         self.min_side = 4 * max(self.cls_spec.input_size) if reduced_decode else None
-        self.backend = create_backend(backend, self.bundle, device, self.folds, precision=precision)
+        # first_use: the hook that may build an engine for the installed default bundle (see backends.create_backend)
+        self.backend = create_backend(backend, self.bundle, device, self.folds, first_use, precision=precision)
         self.seconds: dict[str, float] = defaultdict(float)
         log.info("bundle %s: folds seg %s, cls %s; TTA seg %s (%d views), cls %s (%d views)", self.bundle.name,
                  self.folds["segmentation"], self.folds["classification"], self.tta["segmentation"],

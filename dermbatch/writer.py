@@ -17,8 +17,8 @@ from dermbatch.annotate import draw_annotation
 from dermbatch.errors import OutputError
 from dermbatch.explain import blend_heatmap, enlarge
 from dermbatch.outputs import CsvAppender, detail_row, output_path, result_row, write_bytes_atomic
-from dermbatch.predictor import Result
 from dermbatch.report import thumb_path, thumbnails
+from dermbatch.result import Result
 
 _STOP = object()
 

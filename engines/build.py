@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 
-from dermbatch.bundle import Bundle, load_bundle, sha256_file
-from dermbatch.errors import BackendError, UsageError
-from dermbatch.tta import softmax
+from dermbatch.backends.store import INPUT, engine_key, find_engine, writable_root, write_info
+from dermbatch.bundle import Bundle, load_bundle
+from dermbatch.errors import UsageError
 from engines.calibration import calibration_inputs
-from engines.onnx_export import INPUT, compare, export_module, load_stacked
-from engines.store import engine_key, find_engine, fingerprint, writable_root, write_info
+from engines.checks import TASKS, agreement, engine_info, refuse_below
+from engines.export import compare, export_module, load_stacked
 
 log = logging.getLogger(__name__)
-TASKS = ("segmentation", "classification")
 SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "sample_images"  # present in a source checkout
 
 
 def resolve_target(target: str, precision: str | None) -> tuple[str, str]:
     """``auto``: TensorRT FP16 when TensorRT and a CUDA GPU are here, else ONNX Runtime fp32 (logged)."""
     if target == "auto":
-        from engines.tensorrt_common import tensorrt_available
+        from dermbatch.backends.tensorrt import tensorrt_available
 
         available, reason = tensorrt_available()
         target = "tensorrt" if available else "onnxruntime"
@@ -44,43 +41,17 @@ def resolve_target(target: str, precision: str | None) -> tuple[str, str]:
     return target, precision
 
 
-def _info(bundle: Bundle, target: str, precision: str, folder: Path, agreement: dict, extra: dict | None = None):
-    import onnxruntime
-    import torch
-
-    tasks = {}
-    for task in TASKS:
-        spec = bundle.spec(task)
-        file = next(p.name for p in folder.iterdir() if p.stem == task and p.suffix in (".onnx", ".xml", ".plan"))
-        tasks[task] = {"file": file, "sha256": sha256_file(folder / file), "folds": list(spec.folds),
-                       "input_size": list(spec.input_size), "layout": "stacked-folds"}
-        if file.endswith(".xml"):  # OpenVINO IR: the graph, and its weights beside it
-            tasks[task] |= {"weights_file": f"{task}.bin", "weights_sha256": sha256_file(folder / f"{task}.bin")}
-    return {"target": target, "precision": precision, "bundle": bundle.name,
-            "weights_fingerprint": fingerprint(bundle), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__} | _openvino_version(),
-            "tasks": tasks, "agreement": agreement, **(extra or {})}
-
-
-def _openvino_version() -> dict:
-    try:
-        import openvino
-    except ImportError:
-        return {}
-    return {"openvino": openvino.__version__}
-
-
 def build_onnxruntime_fp32(bundle: Bundle, calibration: dict[str, np.ndarray]) -> Path:
     folder = writable_root(bundle) / engine_key("onnxruntime", "fp32")
-    agreement = {}
+    agreements = {}
     for task in TASKS:
         spec = bundle.spec(task)
         module = load_stacked(bundle, task, spec.folds)
         path = export_module(module, spec.input_size, folder / f"{task}.onnx")
-        agreement[task] = compare(path, module, calibration[task][:16], task)
+        agreements[task] = compare(path, module, calibration[task][:16], task)
         log.info("onnxruntime fp32 %s: %d folds, max |logit diff| vs torch %.2e", task, len(spec.folds),
-                 agreement[task]["max_abs_diff"])
-    write_info(folder, _info(bundle, "onnxruntime", "fp32", folder, agreement))
+                 agreements[task]["max_abs_diff"])
+    write_info(folder, engine_info(bundle, "onnxruntime", "fp32", folder, agreements))
     return folder
 
 
@@ -92,16 +63,16 @@ def build_onnxruntime_int8(bundle: Bundle, calibration: dict[str, np.ndarray], m
     fp32_folder = _onnx_fp32_folder(bundle, calibration)
     folder = writable_root(bundle) / engine_key("onnxruntime", "int8")
     folder.mkdir(parents=True, exist_ok=True)
-    agreement = {}
+    agreements = {}
     for task in TASKS:
         path = quantize_int8(fp32_folder / f"{task}.onnx", folder / f"{task}.onnx", calibration[task])
         sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
                     for p in (fp32_folder / f"{task}.onnx", path)]
         outputs = [s.run(None, {INPUT: calibration[task]})[0] for s in sessions]
-        agreement[task] = _agreement(task, *outputs)
-        log.info("onnxruntime int8 %s vs fp32: %s", task, agreement[task])
-    _refuse_below(folder, agreement, min_agreement, "int8", "Use the fp32 engine, or more/other --calibration images")
-    write_info(folder, _info(bundle, "onnxruntime", "int8", folder, agreement,
+        agreements[task] = agreement(task, *outputs)
+        log.info("onnxruntime int8 %s vs fp32: %s", task, agreements[task])
+    refuse_below(folder, agreements, min_agreement, "int8", "Use the fp32 engine, or more/other --calibration images")
+    write_info(folder, engine_info(bundle, "onnxruntime", "int8", folder, agreements,
                              {"calibration_images": int(len(calibration["segmentation"]))}))
     return folder
 
@@ -111,14 +82,14 @@ def build_openvino(bundle: Bundle, precision: str, calibration: dict[str, np.nda
     outputs on real images and refused below ``min_agreement`` (top-1 agreement / mean mask IoU)."""
     import onnxruntime as ort
 
-    from engines.openvino_backend import compile_model, require_openvino
+    from dermbatch.backends.openvino import compile_model, require_openvino
 
     ov = require_openvino()
     core = ov.Core()
     onnx_folder = _onnx_fp32_folder(bundle, calibration)
     folder = writable_root(bundle) / engine_key("openvino", precision)
     folder.mkdir(parents=True, exist_ok=True)
-    agreement = {}
+    agreements = {}
     for task in TASKS:
         source = onnx_folder / f"{task}.onnx"
         path = folder / f"{task}.xml"
@@ -126,10 +97,10 @@ def build_openvino(bundle: Bundle, precision: str, calibration: dict[str, np.nda
         request = compile_model(core, path, precision).create_infer_request()
         reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(
             None, {INPUT: calibration[task]})[0]
-        agreement[task] = _agreement(task, reference, request.infer({0: calibration[task]})[0])
-        log.info("openvino %s %s vs onnxruntime fp32: %s", precision, task, agreement[task])
-    _refuse_below(folder, agreement, min_agreement, f"OpenVINO {precision}", "Use --precision fp32")
-    write_info(folder, _info(bundle, "openvino", precision, folder, agreement))
+        agreements[task] = agreement(task, reference, request.infer({0: calibration[task]})[0])
+        log.info("openvino %s %s vs onnxruntime fp32: %s", precision, task, agreements[task])
+    refuse_below(folder, agreements, min_agreement, f"OpenVINO {precision}", "Use --precision fp32")
+    write_info(folder, engine_info(bundle, "openvino", precision, folder, agreements))
     return folder
 
 
@@ -137,30 +108,6 @@ def _onnx_fp32_folder(bundle: Bundle, calibration: dict[str, np.ndarray]) -> Pat
     """The ONNX Runtime fp32 engine's folder (built if missing): the graph int8 and OpenVINO start from."""
     found = find_engine(bundle, "onnxruntime", "fp32")
     return found[0] if found else build_onnxruntime_fp32(bundle, calibration)
-
-
-def _refuse_below(folder: Path, agreement: dict, min_agreement: float, what: str, advice: str) -> None:
-    """Delete a reduced-precision engine whose top-1 agreement or mean mask IoU with fp32 is below the bar."""
-    worst = min(agreement["segmentation"]["mean_mask_iou"], agreement["classification"]["top1_agreement"])
-    if worst < min_agreement:
-        shutil.rmtree(folder)
-        raise BackendError(f"{what} engine disagrees with fp32 too much ({worst:.3f} < --min-agreement "
-                           f"{min_agreement}); not kept. {advice}")
-
-
-def _agreement(task: str, reference: np.ndarray, other: np.ndarray) -> dict:
-    """Fold-averaged outputs compared the way the pipeline uses them."""
-    result = {"max_abs_diff": float(np.abs(reference - other).max())}
-    ref, oth = reference.mean(0), other.mean(0)
-    if task == "classification":
-        result["top1_agreement"] = float((ref.argmax(-1) == oth.argmax(-1)).mean())
-        result["max_prob_diff"] = float(np.abs(softmax(ref) - softmax(oth)).max())
-    else:
-        a, b = ref > 0, oth > 0
-        union = np.logical_or(a, b).sum(axis=(1, 2, 3))
-        iou = np.where(union > 0, np.logical_and(a, b).sum(axis=(1, 2, 3)) / np.maximum(union, 1), 1.0)
-        result["mean_mask_iou"] = float(iou.mean())
-    return result
 
 
 def build_engine(model: str | None, target: str = "auto", precision: str | None = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.onnx_export import INPUT
+from dermbatch.backends.store import INPUT
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,12 @@ import logging
 import time
 from pathlib import Path
 
+from dermbatch.backends.store import INPUT, engine_key, writable_root, write_info
+from dermbatch.backends.tensorrt import TrtRunner, current_device, device_tag, require_tensorrt, write_sidecar
 from dermbatch.bundle import Bundle, sha256_file
 from dermbatch.errors import BackendError
-from engines.onnx_export import INPUT, export_module, load_stacked
-from engines.store import engine_key, writable_root, write_info
-from engines.tensorrt_common import current_device, device_tag, require_tensorrt, write_sidecar
+from engines.checks import TASKS, agreement, engine_info
+from engines.export import export_module, load_stacked
 
 log = logging.getLogger(__name__)
 WORKSPACE_BYTES = 4 << 30
@@ -66,9 +67,6 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, input_size: tup
 
 
 def build_tensorrt(bundle: Bundle, precision: str, batch: tuple[int, int, int], calibration: dict, device: str) -> Path:
-    from engines.build import TASKS, _agreement, _info
-    from engines.trt_backend import TrtRunner
-
     require_tensorrt("--target tensorrt")
     if not batch[0] <= batch[1] <= batch[2]:
         raise BackendError(f"--batch {batch}: need MIN <= OPT <= MAX")
@@ -83,13 +81,13 @@ def build_tensorrt(bundle: Bundle, precision: str, batch: tuple[int, int, int], 
         onnx_path = export_module(module, spec.input_size, folder / f"{task}.onnx", half=half_onnx)
         plan = folder / f"{task}.plan"
         seconds = build_plan(onnx_path, plan, precision, spec.input_size, batch, root / "tensorrt-timing.cache")
-        agreements[task] = _check_plan(task, plan, module, calibration[task], batch[2], TrtRunner, _agreement)
+        agreements[task] = _check_plan(task, plan, module, calibration[task], batch[2], TrtRunner, agreement)
         write_sidecar(plan, {**dev, "precision": precision, "profile": {"input": INPUT, "min": batch[0],
                       "opt": batch[1], "max": batch[2], "input_size": list(spec.input_size)},
                       "onnx_sha256": sha256_file(onnx_path), "build_seconds": round(seconds, 1),
                       "agreement_vs_fp32": agreements[task]})
         log.info("tensorrt %s %s: built in %.0f s; vs torch fp32 %s", precision, task, seconds, agreements[task])
-    write_info(folder, _info(bundle, "tensorrt", precision, folder, agreements, {"device": dev}))
+    write_info(folder, engine_info(bundle, "tensorrt", precision, folder, agreements, {"device": dev}))
     return folder
 
 

@@ -145,7 +145,7 @@ def test_multistage_classifier_reads_the_mean_and_std_of_every_stage():
 def test_torch_backend_computes_shared_features_once_with_each_folds_classifier(tmp_path):
     import numpy as np
 
-    from dermbatch.backends.torch_backend import TorchBackend
+    from dermbatch.backends.torch import TorchBackend
     from dermbatch.models import SharedBackboneFolds
 
     bundle, _ = shared_backbone_bundle(tmp_path)

@@ -74,8 +74,8 @@ def test_auto_backend_picks_the_built_engine_and_logs_it(engine_bundle, tmp_path
 
 
 def test_engine_from_other_weights_is_refused(engine_bundle, tmp_path):
+    from dermbatch.backends.onnxruntime import OrtBackend
     from dermbatch.bundle import load_bundle
-    from engines.ort_backend import OrtBackend
 
     copy = shutil.copytree(engine_bundle, tmp_path / "b")
     (copy / "engines" / "onnxruntime-fp32" / "engine.json").write_text(json.dumps(
@@ -85,7 +85,7 @@ def test_engine_from_other_weights_is_refused(engine_bundle, tmp_path):
 
 
 def test_missing_engine_names_the_build_command(tiny_bundle):
-    from engines.ort_backend import OrtBackend
+    from dermbatch.backends.onnxruntime import OrtBackend
 
     with pytest.raises(BackendError, match="dermbatch build-engine --model .* --target onnxruntime"):
         OrtBackend(tiny_bundle, "cpu", {"segmentation": (0, 1)})
@@ -107,7 +107,7 @@ def test_tensorrt_without_tensorrt_is_one_clear_error(tiny_bundle, tmp_path, cap
 
 
 def test_sidecar_mismatch_is_refused_with_the_rebuild_command(tmp_path):
-    from engines.tensorrt_common import check_sidecar, device_tag, write_sidecar
+    from dermbatch.backends.tensorrt import check_sidecar, device_tag, write_sidecar
 
     plan = tmp_path / "segmentation.plan"
     plan.write_bytes(b"plan")
@@ -125,7 +125,7 @@ def test_sidecar_mismatch_is_refused_with_the_rebuild_command(tmp_path):
 
 
 def _has_tensorrt():
-    from engines.tensorrt_common import tensorrt_available
+    from dermbatch.backends.tensorrt import tensorrt_available
 
     return tensorrt_available()[0]
 
@@ -174,7 +174,7 @@ def test_openvino_engines_reproduce_onnxruntime_and_auto_prefers_them(engine_bun
     assert manifest["runtime"]["backend"] == "openvino" and manifest["runtime"]["precision"] == "fp32"
     with caplog.at_level(logging.INFO, logger="dermbatch"):
         assert resolve_backend_name("auto", load_bundle(bundle), "cpu") == "openvino"
-    from engines.openvino_backend import cpu_has_bf16
+    from dermbatch.backends.openvino import cpu_has_bf16
 
     if not cpu_has_bf16():
         return
@@ -189,8 +189,8 @@ def test_openvino_engines_reproduce_onnxruntime_and_auto_prefers_them(engine_bun
 
 def test_openvino_refuses_bf16_on_a_cpu_without_it_and_a_gpu_device(engine_bundle):
     pytest.importorskip("openvino")
+    from dermbatch.backends.openvino import OpenVinoBackend, check_precision
     from dermbatch.bundle import load_bundle
-    from engines.openvino_backend import OpenVinoBackend, check_precision
 
     with pytest.raises(BackendError, match="bf16 needs a CPU with AMX or AVX512-BF16; this one offers FP32, INT8"):
         check_precision(["FP32", "INT8"], "bf16")
@@ -205,7 +205,7 @@ def test_folds_sharing_a_frozen_backbone_export_one_feature_pass(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from engines.onnx_export import compare, export_module, load_stacked
+    from engines.export import compare, export_module, load_stacked
     from tests.conftest import shared_backbone_bundle
 
     bundle, _ = shared_backbone_bundle(tmp_path / "b")

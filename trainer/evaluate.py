@@ -22,12 +22,12 @@ from trainer.metrics import classification_metrics, jaccard, segmentation_metric
 
 
 def evaluate(model: str | None, images: Path, out: Path, masks: Path | None = None, labels: Path | None = None,
-             explain: bool = True, **run_options) -> dict:
+             explain: bool = True, first_use=None, **run_options) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     options = RunOptions(inputs=[str(images)], out=out / "predictions.csv", model=model,
                          masks=out / "masks" if masks else None, crops=out / "crops" if labels else None,
                          explain=out / "explain" if labels and explain else None, overwrite=True, **run_options)
-    summary = run(options)
+    summary = run(options, first_use=first_use)
     report: dict = {"model": model, "images": str(images), "processed": summary.ok, "failed": summary.failed}
     paths = {row["image"]: Path(row["path"]) for row in read_complete_rows(options.details) if row["status"] == "ok"}
     figures: list[tuple[str, str]] = []

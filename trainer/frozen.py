@@ -29,6 +29,8 @@ from dermbatch.tta import softmax, stack_views
 from trainer.dataset import TrainingSet
 from trainer.losses import class_weights
 from trainer.metrics import classification_metrics
+from trainer.oof import write_rows
+from trainer.task import existing_manifest, new_model, update_manifest
 
 log = logging.getLogger(__name__)
 C_GRID = (3e-4, 1e-3, 3e-3)  # inverse L2 strengths tried by the inner cross-validation
@@ -121,9 +123,6 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups: list[str], weight_mode: str
 def train_frozen(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict,
                  provenance: dict, cache: Path, progress=None) -> None:
     """Every fold not in ``done``: fit its classifier, save it and its out-of-fold predictions."""
-    from trainer.oof import write_rows
-    from trainer.train import _existing_manifest, _update_manifest, new_model
-
     model = new_model(opts, spec, 0)  # the pretrained backbone; every fold shares it
     dataset = TrainingSet(opts.items, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
     ids = [i.image_id for i in opts.items]
@@ -138,7 +137,7 @@ def train_frozen(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int]
     labels = np.array([i.label for i in opts.items])
     groups = [i.group or i.image_id for i in opts.items]
     folds = np.array([fold_of[i] for i in ids])
-    earlier = ((_existing_manifest(opts.out) or {}).get("provenance", {}).get("classification", {})
+    earlier = ((existing_manifest(opts.out) or {}).get("provenance", {}).get("classification", {})
                .get("frozen_backbone") or {}) if done else {}
     frozen = provenance["frozen_backbone"] = {"c_grid": list(C_GRID), "inner_folds": INNER_FOLDS,
                                               "chosen_c": {k: c for k, c in earlier.get("chosen_c", {}).items()
@@ -160,7 +159,7 @@ def train_frozen(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int]
         weights[name] = digest
         done.append(fold)
         frozen["chosen_c"][str(fold)] = c
-        _update_manifest(opts, spec, done, weights, provenance)
+        update_manifest(opts, spec, done, weights, provenance)
         log.info("classification fold %d: C=%g, held-out balanced accuracy %.4f, macro AUC %.4f", fold, c,
                  score["balanced_accuracy"], score["macro_auc"])
 

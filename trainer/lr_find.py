@@ -48,7 +48,7 @@ def lr_range_test(model, dataset, loss_fn, batch_size: int, device: str = "cpu",
 def lr_find(plan, batch_size: int, steps: int = 100):
     """The range test for a planned task (``trainer.run.plan_tasks``): (rates, losses, suggestion, spec)."""
     from trainer.dataset import TrainingSet, default_cache_dir
-    from trainer.train import make_loss, model_spec, new_model
+    from trainer.task import make_loss, model_spec, new_model
 
     spec = model_spec(plan)
     dataset = TrainingSet(plan.items, spec.task, spec, plan.crop, plan.cache_dir or default_cache_dir(), train=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dermbatch.backends.torch_backend import TorchBackend
+from dermbatch.backends.torch import TorchBackend
 from dermbatch.bundle import load_bundle
 from dermbatch.imageio import decode_image
 from dermbatch.predictor import segment_images

@@ -12,7 +12,7 @@ from trainer.data import Item, cls_items, official_paths, seg_items
 from trainer.fit import FitConfig
 from trainer.losses import CLASS_WEIGHTS
 from trainer.optim import SCHEDULES
-from trainer.train import TaskOptions
+from trainer.task import TaskOptions
 
 
 def subset(items: list[Item], limit: int | None, seed: int) -> list[Item]:

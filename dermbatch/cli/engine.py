@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dermbatch.cli.main import app, setup_logging
+from dermbatch.cli.app import app, setup_logging
 from dermbatch.errors import UsageError
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dermbatch.cli.main import app
+from dermbatch.cli.app import app
 from dermbatch.errors import DermbatchError
 
 WARNING = "Research tool, not a medical device: do not use its output to diagnose or treat anyone."

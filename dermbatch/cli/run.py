@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dermbatch.cli.main import app, setup_logging, stderr
+from dermbatch.cli.app import app, setup_logging, stderr
 from dermbatch.errors import UsageError
 
 
@@ -40,6 +40,7 @@ def run_command(
 ) -> int:
     """Segment, crop and classify every image; write the CSV and the requested outputs as results arrive."""
     from dermbatch.backends import backend_names
+    from dermbatch.cli.first_use import build_default_engine
     from dermbatch.pipeline import RunOptions, run
 
     setup_logging(quiet, verbose)
@@ -71,7 +72,7 @@ def run_command(
             progress.update(state["task"], rate=f"{task.completed / task.elapsed:.2f} img/s")
 
     with progress:
-        summary = run(options, on_start=on_start, on_result=on_result)
+        summary = run(options, on_start=on_start, on_result=on_result, first_use=build_default_engine)
     if quiet:
         for path in summary.outputs.values():
             typer.echo(path)

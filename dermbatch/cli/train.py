@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dermbatch.cli.main import app, setup_logging, stderr
+from dermbatch.cli.app import app, setup_logging, stderr
 from dermbatch.errors import UsageError
 
 TASKS = {"seg": "segmentation", "cls": "classification", "both": "both"}
@@ -54,7 +54,7 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
     """Train k-fold segmentation and/or classification models into a bundle that `dermbatch run` reads."""
-    from dermbatch.backends.torch_backend import resolve_device
+    from dermbatch.backends.torch import resolve_device
     from dermbatch.bundle import PreprocessSpec
     from dermbatch.manifest import COLOR_CONSTANCY
     from trainer.run import plan_tasks
@@ -107,7 +107,7 @@ def lr_find_command(
     cache: Path | None = typer.Option(None),
 ) -> int:
     """The learning-rate range test: sweep the LR, save the loss curve as a PNG, print a suggested rate."""
-    from dermbatch.backends.torch_backend import resolve_device
+    from dermbatch.backends.torch import resolve_device
     from trainer.lr_find import lr_find, plot
     from trainer.run import plan_tasks
 
@@ -143,6 +143,7 @@ def evaluate_command(
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM of every crop for the report."),
 ) -> int:
     """Run the pipeline on images with ground truth; write the ISIC metrics and an HTML report with plots."""
+    from dermbatch.cli.first_use import build_default_engine
     from trainer.evaluate import evaluate
     from trainer.metrics import headline
 
@@ -151,7 +152,7 @@ def evaluate_command(
         raise UsageError("evaluate needs --masks and/or --labels to score against")
     report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, explain=explain,
                       tta=tta, folds=folds, batch_size=batch_size, workers=workers, device=device, backend=backend,
-                      precision=None if precision == "auto" else precision)
+                      precision=None if precision == "auto" else precision, first_use=build_default_engine)
     for task in ("segmentation", "classification"):
         if task in report:
             stderr.print(f"{task}: {headline(task, report[task])}")

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from dermbatch.backends import TaskBackend
+from dermbatch.backends.base import TaskBackend
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
 from dermbatch.models import SharedBackboneFolds, load_fold_model, shares_backbone

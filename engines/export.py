@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dermbatch.backends.store import INPUT, OUTPUT
 from dermbatch.bundle import Bundle
 
 log = logging.getLogger(__name__)
-INPUT, OUTPUT = "images", "logits"
 OPSET = 17
 
 

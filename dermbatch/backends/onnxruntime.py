@@ -11,11 +11,10 @@ import os
 
 import numpy as np
 
-from dermbatch.backends import TaskBackend, fold_selection
+from dermbatch.backends.base import TaskBackend, fold_selection
+from dermbatch.backends.store import INPUT, OUTPUT, require_engine
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
-from engines.onnx_export import INPUT, OUTPUT
-from engines.store import require_engine
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Where compiled engines live and how they are matched to a bundle.
+"""The engine-folder contract shared by the runtimes (``dermbatch.backends``) and the builders (``engines/``):
+where compiled engines live, ``engine.json``, the bundle fingerprint and the mismatch check, and the names of
+the graphs' input and output tensors.
 
 ``<bundle>/engines/<key>/`` (or, for a read-only bundle such as the installed default, the per-user cache
 ``~/.cache/dermbatch/engines/<bundle fingerprint>/<key>/``), one folder per target and precision (TensorRT
@@ -18,6 +20,8 @@ from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
 
 ENGINE_FILE = "engine.json"
+ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
+INPUT, OUTPUT = "images", "logits"  # every exported graph's one input and one output tensor
 
 
 def fingerprint(bundle: Bundle) -> str:
@@ -62,8 +66,6 @@ def find_engine(bundle: Bundle, target: str, precision: str | None = None, devic
 
 def require_engine(bundle: Bundle, target: str, precision: str | None = None) -> tuple[Path, dict]:
     """``find_engine``, or an error naming the command that builds the missing engine."""
-    from dermbatch.backends import ENGINE_NAMES
-
     found = find_engine(bundle, target, precision)
     if found is None:
         wanted = precision or "fp32"

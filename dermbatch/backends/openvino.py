@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dermbatch.backends import TaskBackend, fold_selection
+from dermbatch.backends.base import TaskBackend, fold_selection
+from dermbatch.backends.store import require_engine
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
-from engines.store import require_engine
 
 log = logging.getLogger(__name__)
 HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's INFERENCE_PRECISION_HINT

@@ -1,0 +1,57 @@
+"""``Result``: everything known about one image's trip through the pipeline, read by the writer, the report and
+the explainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dermbatch.postprocess import Box
+
+
+@dataclass
+class Result:
+    """Everything known about one image. ``image``/``mask``/``crop`` are at working resolution."""
+
+    image_id: str
+    path: Path
+    classes: tuple[str, ...]
+    probabilities: np.ndarray | None = None  # (K,) float, sums to 1
+    lesion_found: bool = False
+    bbox: Box | None = None  # crop box in original pixels
+    area_fraction: float = 0.0
+    error: str | None = None
+    original_size: tuple[int, int] | None = None  # (height, width)
+    image: np.ndarray | None = field(default=None, repr=False)
+    mask: np.ndarray | None = field(default=None, repr=False)  # uint8 0/1
+    crop: np.ndarray | None = field(default=None, repr=False)
+    crop_box: Box | None = None  # in working pixels
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM, float32 [0, 1] at crop size
+    guided: np.ndarray | None = field(default=None, repr=False)  # guided Grad-CAM, RGB uint8 at crop size
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str | None:
+        return None if self.probabilities is None else self.classes[int(np.argmax(self.probabilities))]
+
+    @property
+    def confidence(self) -> float | None:
+        return None if self.probabilities is None else float(np.max(self.probabilities))
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        order = np.argsort(-self.probabilities)[:k]
+        return [(self.classes[i], float(self.probabilities[i])) for i in order]
+
+    def full_size_mask(self) -> np.ndarray:
+        """The mask as 0/255 uint8 at the original image size (ISIC Task 1 format)."""
+        height, width = self.original_size
+        mask = self.mask
+        if mask.shape != (height, width):
+            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        return mask * np.uint8(255)
