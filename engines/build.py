@@ -25,12 +25,13 @@ SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "sample_images"  # present
 
 
 def resolve_target(target: str, precision: str | None) -> tuple[str, str]:
-    """``auto``: TensorRT FP16 when TensorRT and a CUDA GPU are here, else ONNX Runtime fp32 (logged)."""
+    """``auto``: the engine ``run --backend auto`` would use here: TensorRT FP16 when TensorRT and a CUDA GPU are
+    here, else OpenVINO fp32 when installed, else ONNX Runtime fp32 (logged)."""
     if target == "auto":
-        from dermbatch.backends.tensorrt import tensorrt_available
+        from dermbatch.backends.tensorrt import cpu_engine_target, tensorrt_available
 
         available, reason = tensorrt_available()
-        target = "tensorrt" if available else "onnxruntime"
+        target = "tensorrt" if available else cpu_engine_target()
         log.info("build-engine: target %s (%s)", target, "TensorRT and a CUDA GPU found" if available else reason)
     if target not in ("onnxruntime", "openvino", "tensorrt"):
         raise UsageError(f"--target {target!r}: choose auto, onnxruntime, openvino or tensorrt")
@@ -127,7 +128,7 @@ def build_engine(model: str | None, target: str = "auto", precision: str | None 
         return build_openvino(bundle, precision, data, min_agreement)
     from engines.tensorrt_build import build_tensorrt
 
-    return build_tensorrt(bundle, precision, batch, data, device)
+    return build_tensorrt(bundle, precision, batch, data, device, min_agreement)
 
 
 def build_first_use_engine(bundle: Bundle) -> Path:

@@ -15,6 +15,7 @@ from dermbatch.errors import BackendError
 from dermbatch.tta import softmax
 
 TASKS = ("segmentation", "classification")
+ENGINE_SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".plan"}  # the file each runtime loads
 
 
 def refuse_below(folder: Path, agreements: dict, min_agreement: float, what: str, advice: str) -> None:
@@ -24,6 +25,15 @@ def refuse_below(folder: Path, agreements: dict, min_agreement: float, what: str
         shutil.rmtree(folder)
         raise BackendError(f"{what} engine disagrees with fp32 too much ({worst:.3f} < --min-agreement "
                            f"{min_agreement}); not kept. {advice}")
+
+
+def refuse_unfit(folder: Path, agreements: dict, min_agreement: float, what: str) -> None:
+    """Delete an engine with a non-finite output or an agreement with fp32 below the bar (TensorRT plans)."""
+    if not all(a.get("finite", True) and np.isfinite(a["max_abs_diff"]) for a in agreements.values()):
+        shutil.rmtree(folder)
+        raise BackendError(f"{what} engine gave non-finite outputs on the check images; not kept. "
+                           "Try --precision fp32")
+    refuse_below(folder, agreements, min_agreement, what, "Try --precision fp32")
 
 
 def agreement(task: str, reference: np.ndarray, other: np.ndarray) -> dict:
@@ -42,13 +52,17 @@ def agreement(task: str, reference: np.ndarray, other: np.ndarray) -> dict:
 
 
 def engine_info(bundle: Bundle, target: str, precision: str, folder: Path, agreements: dict, extra: dict | None = None):
+    """``engine.json``: the file of each task that the target's runtime loads (named by its suffix: a TensorRT
+    folder also holds the ``.onnx`` it was built from), its hash, folds and input size, and the provenance."""
     import onnxruntime
     import torch
 
     tasks = {}
     for task in TASKS:
         spec = bundle.spec(task)
-        file = next(p.name for p in folder.iterdir() if p.stem == task and p.suffix in (".onnx", ".xml", ".plan"))
+        file = f"{task}{ENGINE_SUFFIX[target]}"
+        if not (folder / file).is_file():
+            raise BackendError(f"{folder / file}: missing after the {target} build")
         tasks[task] = {"file": file, "sha256": sha256_file(folder / file), "folds": list(spec.folds),
                        "input_size": list(spec.input_size), "layout": "stacked-folds"}
         if file.endswith(".xml"):  # OpenVINO IR: the graph, and its weights beside it

@@ -7,6 +7,7 @@ inputs and reports the largest logit difference.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -45,8 +46,8 @@ def export_module(module: nn.Module, input_size: tuple[int, int], path: Path, ha
     """Export with a dynamic batch axis; ``half`` exports fp16 weights and tensors (for TensorRT 11)."""
     module = module.eval()
     example = torch.zeros(2, 3, *input_size)
-    if half:
-        module, example = module.half().cuda(), example.half().cuda()
+    if half:  # a copy: the caller's fp32 module stays the reference the plan is checked against
+        module, example = copy.deepcopy(module).half().cuda(), example.half().cuda()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with warnings.catch_warnings(), torch.no_grad():

@@ -101,7 +101,10 @@ def test_tensorrt_without_tensorrt_is_one_clear_error(tiny_bundle, tmp_path, cap
     assert main(["run", str(real_images(HAM, 1)[0]), "--out", str(tmp_path / "r.csv"), "--model",
                  str(tiny_bundle.path), "--backend", "tensorrt"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "needs TensorRT and an NVIDIA GPU" in err[0] and "--backend onnxruntime" in err[0]
+    from dermbatch.backends.tensorrt import cpu_engine_target  # the CPU engine `run --backend auto` prefers here
+
+    assert len(err) == 1 and "needs TensorRT and an NVIDIA GPU" in err[0]
+    assert f"--backend {cpu_engine_target()}" in err[0]
     assert main(["build-engine", "--model", str(tiny_bundle.path), "--target", "tensorrt"]) == 1
     assert "TensorRT is not installed" in capsys.readouterr().err
 

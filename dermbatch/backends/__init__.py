@@ -52,12 +52,18 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
         return name
     if bundle is None:
         return "torch"
-    from dermbatch.backends.tensorrt import current_device, device_tag, tensorrt_available
+    from dermbatch.backends.tensorrt import current_device, device_tag, tensorrt_available, usable_plans
 
     trt_ok, reason = tensorrt_available()
-    if trt_ok and device != "cpu" and find_engine(bundle, "tensorrt", None, device_tag(current_device())):
-        log.info("backend: tensorrt (auto; a plan for this GPU and TensorRT is built)")
-        return "tensorrt"
+    if trt_ok and device != "cpu":
+        here = current_device()
+        found = find_engine(bundle, "tensorrt", None, device_tag(here))
+        refused = usable_plans(*found, here, bundle.path) if found else None
+        if found and refused is None:
+            log.info("backend: tensorrt (auto; a plan for this GPU and TensorRT is built)")
+            return "tensorrt"
+        if refused:  # e.g. built with another TensorRT patch release: the runner would refuse it
+            reason = f"its plan is not usable here: {refused}"
     if device.startswith("cuda") or (device == "auto" and _cuda_available()):
         log.info("backend: torch on CUDA (auto; no TensorRT plan for this GPU%s)", f": {reason}" if reason else "")
         return "torch"

@@ -30,17 +30,38 @@ def session_options(threads: int | None = None):
     return options
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str) -> list:
+    """The execution providers for ``device``: ``cuda:N`` passes ``device_id`` N to the CUDA provider.
+
+    ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the same module and cannot be installed together:
+    for the CUDA provider, ``pip uninstall onnxruntime`` first, then ``pip install onnxruntime-gpu``."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     wants_cuda = device.startswith("cuda")
     if wants_cuda and "CUDAExecutionProvider" not in available:
-        raise BackendError(f"--device {device} with onnxruntime needs the onnxruntime-gpu package and a GPU "
-                           f"(providers here: {', '.join(available)}); use --device cpu or --backend torch")
-    if device == "auto" and "CUDAExecutionProvider" in available:
+        raise BackendError(f"--device {device} with onnxruntime needs the onnxruntime-gpu package (in place of "
+                           f"onnxruntime) and a GPU (providers here: {', '.join(available)}); use --device cpu or "
+                           "--backend torch")
+    if device.startswith("cuda:"):
+        if not device[5:].isdigit():
+            raise BackendError(f"--device {device!r}: use cuda:N with a GPU number")
+        return [("CUDAExecutionProvider", {"device_id": int(device[5:])}), "CPUExecutionProvider"]
+    if wants_cuda or (device == "auto" and "CUDAExecutionProvider" in available):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_device(requested: str, providers: list, used: list[str]) -> str:
+    """What the session really runs on, from ``session.get_providers()``; an explicit CUDA request that ONNX
+    Runtime could not honour (it falls back to the CPU without a word) is an error."""
+    if used and used[0] == "CUDAExecutionProvider":
+        first = providers[0]
+        return f"cuda:{first[1]['device_id']}" if isinstance(first, tuple) else "cuda"
+    if requested.startswith("cuda"):
+        raise BackendError(f"--device {requested}: ONNX Runtime could not start its CUDA provider (it would run on "
+                           f"{', '.join(used) or 'nothing'}); check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+    return "cpu"
 
 
 class OrtBackend(TaskBackend):
@@ -52,15 +73,17 @@ class OrtBackend(TaskBackend):
 
         self.folder, self.info = require_engine(bundle, "onnxruntime", precision)
         self.precision = self.info["precision"]
-        self.providers = providers_for(device)
-        self.device = "cuda" if self.providers[0].startswith("CUDA") else "cpu"
+        requested = providers_for(device)
         self.sessions, self.select = {}, {}
         for task, wanted in (folds or {}).items():
             task_info = self.info["tasks"][task]
             self.select[task] = fold_selection(tuple(task_info["folds"]), wanted, f"{self.folder} ({task})")
             self.sessions[task] = ort.InferenceSession(str(self.folder / task_info["file"]),
                                                        sess_options=session_options(threads),
-                                                       providers=self.providers)
+                                                       providers=requested)
+        used = next(iter(self.sessions.values())).get_providers() if self.sessions else ["CPUExecutionProvider"]
+        self.device = session_device(device, requested, used)
+        self.providers = used
         log.info("onnxruntime %s engine %s on %s", self.precision, self.folder, ", ".join(self.providers))
 
     def _run(self, task: str, x: np.ndarray) -> np.ndarray:

@@ -38,16 +38,57 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
+def cpu_engine_target() -> str:
+    """The CPU engine ``--backend auto`` prefers here: OpenVINO when installed, else ONNX Runtime."""
+    import importlib.util
+
+    return "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
+
+
 def require_tensorrt(what: str) -> None:
     available, reason = tensorrt_available()
     if not available:
+        cpu = cpu_engine_target()
         raise BackendError(f"{what} needs TensorRT and an NVIDIA GPU: {reason}. "
-                           "Use --backend onnxruntime (build it with: dermbatch build-engine --target onnxruntime) "
+                           f"Use --backend {cpu} (build it with: dermbatch build-engine --target {cpu}) "
                            "or --backend torch")
 
 
+def cuda_index(device: str) -> int | None:
+    """``cuda:N`` -> N; ``auto``/``cuda`` -> None (the current device). TensorRT never runs on the CPU."""
+    if device in ("auto", "cuda"):
+        return None
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    if device == "cpu":
+        raise BackendError(f"TensorRT runs on an NVIDIA GPU, not --device cpu; use --backend {cpu_engine_target()} "
+                           "or --backend torch on the CPU")
+    raise BackendError(f"--device {device!r}: choose auto, cuda or cuda:N for TensorRT")
+
+
+def select_device(device: str) -> int:
+    """Make ``device`` torch's current CUDA device (export, build and run all use the current one); its index."""
+    import torch
+
+    index = cuda_index(device)
+    if index is not None:
+        if index >= torch.cuda.device_count():
+            raise BackendError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(index)
+    return torch.cuda.current_device()
+
+
+def batch_plan(count: int, low: int, high: int) -> list[tuple[int, int, int]]:
+    """(start, stop, size to run) chunks of ``count`` rows for a profile of MIN ``low`` and MAX ``high``: chunks of
+    at most ``high``; one below ``low`` (the last chunk, a small set) is padded up to ``low`` and sliced back."""
+    if not 1 <= low <= high:
+        raise BackendError(f"optimisation profile MIN {low}, MAX {high}: need 1 <= MIN <= MAX")
+    return [(start, min(count, start + high), max(low, min(count, start + high) - start))
+            for start in range(0, count, high)]
+
+
 def current_device() -> dict:
-    """The GPU and TensorRT of this machine, in the sidecar's terms."""
+    """The GPU and TensorRT of this machine (torch's current CUDA device), in the sidecar's terms."""
     import tensorrt as trt
     import torch
 
@@ -72,6 +113,16 @@ def write_sidecar(plan: Path, info: dict) -> Path:
     path = sidecar_path(plan)
     path.write_text(json.dumps(info, indent=2))
     return path
+
+
+def usable_plans(folder: Path, info: dict, device: dict, bundle_path: Path) -> str | None:
+    """None when every task's plan in ``folder`` passes the sidecar check here, else why not (for ``auto``)."""
+    try:
+        for task in info.get("tasks", {}).values():
+            check_sidecar(folder / task["file"], device, bundle_path, info.get("precision", "fp16"))
+    except BackendError as exc:
+        return str(exc)
+    return None
 
 
 def check_sidecar(plan: Path, device: dict, bundle_path: Path, precision: str) -> dict:
@@ -115,9 +166,24 @@ class TrtRunner:
         dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
         self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input)]
         self.output_dtype = dtypes[self.engine.get_tensor_dtype(self.output)]
+        low, _, high = self.engine.get_tensor_profile_shape(self.input, 0)
+        self.min_batch, self.max_batch = int(low[0]), int(high[0])
         self.stream = torch.cuda.Stream()
 
     def __call__(self, x):
+        """Outputs for any batch size: chunks within the profile, a short one padded to MIN and sliced back
+        (the output's batch axis is 1 for a stacked-folds graph)."""
+        import torch
+
+        parts = []
+        for start, stop, size in batch_plan(len(x), self.min_batch, self.max_batch):
+            chunk = x[start:stop]
+            if size > len(chunk):
+                chunk = torch.cat([chunk, chunk[-1:].expand(size - len(chunk), *chunk.shape[1:])])
+            parts.append(self._execute(chunk)[:, :stop - start])
+        return torch.cat(parts, dim=1)
+
+    def _execute(self, x):
         import torch
 
         x = x.to(self.input_dtype).contiguous()
@@ -150,22 +216,20 @@ class TrtBackend(TaskBackend):
 
     def __init__(self, bundle: Bundle, device: str = "auto", folds: dict[str, tuple[int, ...]] | None = None,
                  precision: str | None = None):
-        import torch
-
         require_tensorrt("--backend tensorrt")
+        index = select_device(device)
         dev = current_device()
         found = find_engine(bundle, "tensorrt", precision, device_tag(dev))
         if found is None:
             raise BackendError(f"{bundle.path}: no TensorRT plan for {dev['gpu']} with TensorRT {dev['tensorrt']}; "
                                f"build it: dermbatch build-engine --model {bundle.path} --target tensorrt")
         self.folder, self.info = found
-        self.precision, self.device = self.info["precision"], f"cuda:{torch.cuda.current_device()}"
-        self.runners, self.select, self.max_batch = {}, {}, {}
+        self.precision, self.device = self.info["precision"], f"cuda:{index}"
+        self.runners, self.select = {}, {}
         for task, wanted in (folds or {}).items():
             plan = self.folder / self.info["tasks"][task]["file"]
-            sidecar = check_sidecar(plan, dev, bundle.path, self.precision)
+            check_sidecar(plan, dev, bundle.path, self.precision)
             self.select[task] = fold_selection(tuple(self.info["tasks"][task]["folds"]), wanted, str(plan))
-            self.max_batch[task] = int(sidecar["profile"]["max"])
             self.runners[task] = TrtRunner(plan)
         log.info("tensorrt %s plans %s on %s", self.precision, self.folder, dev["gpu"])
 
@@ -173,9 +237,7 @@ class TrtBackend(TaskBackend):
         import torch
 
         xt = torch.from_numpy(np.ascontiguousarray(x)).cuda(non_blocking=True)
-        step = self.max_batch[task]
-        out = torch.cat([self.runners[task](xt[i:i + step]) for i in range(0, len(xt), step)], dim=1)
-        out = out.float().cpu().numpy()
+        out = self.runners[task](xt).float().cpu().numpy()  # fp16 plans give fp16 outputs: float32 for the caller
         return out if self.select[task] is None else out[self.select[task]]
 
     def describe(self) -> dict:
