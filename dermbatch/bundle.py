@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dermbatch.errors import BundleError
+from dermbatch.errors import BundleError, UsageError
 from dermbatch.manifest import (
     CLASSES,
     FORMAT_VERSION,
@@ -178,7 +178,7 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
     root = resolve_bundle_path(path)
     manifest_path = root / MANIFEST
     if not root.is_dir():
-        raise BundleError(f"{root}: model bundle directory not found")
+        raise UsageError(f"{root}: model bundle directory not found")  # a mistyped --model: exit code 2
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:

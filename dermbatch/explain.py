@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from dermbatch.bundle import Bundle
+from dermbatch.heatmap import blend_heatmap, enlarge, guided_image, heat_in_mask  # noqa: F401  (re-exported)
 from dermbatch.preprocess import model_input
 
 log = logging.getLogger(__name__)
 
-MIN_SIDE = 256  # small crops are enlarged so the heatmap stays visible
 
 
 def target_layer(model: nn.Module) -> nn.Module | None:
@@ -96,39 +96,6 @@ def fold_average_cam(models: list[nn.Module], x: torch.Tensor, classes: torch.Te
     maps = [nn.functional.interpolate(grad_cam(m, x, classes)[:, None], size=size, mode="bilinear",
                                       align_corners=False)[:, 0] for m in models]
     return torch.stack(maps).mean(0).clamp(0, 1).cpu().numpy().astype(np.float32)
-
-
-def guided_image(gradients: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """Guided Grad-CAM as an RGB uint8 image: guided gradients (3, H, W) times the heatmap (H, W), contrast
-    stretched around grey the usual way."""
-    g = gradients * cam[None]
-    g = (g - g.mean()) / (g.std() + 1e-12) * 0.15 + 0.5
-    return (np.clip(g, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
-
-
-def enlarge(image: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
-    """``image`` scaled up (never down) so its shorter side is at least ``min_side`` pixels."""
-    scale = max(1.0, min_side / min(image.shape[:2]))
-    if scale == 1.0:
-        return image
-    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
-    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-
-
-def blend_heatmap(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The heatmap (values in [0, 1], any size) in the JET colour map over ``rgb``; BGR uint8 for cv2.imencode,
-    enlarged to at least ``MIN_SIDE`` pixels on the shorter side."""
-    bgr = enlarge(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    heat = cv2.resize(heat.astype(np.float32), (bgr.shape[1], bgr.shape[0]), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.addWeighted(colour, alpha, bgr, 1 - alpha, 0)
-
-
-def heat_in_mask(heat: np.ndarray, mask: np.ndarray) -> float:
-    """Share of the heatmap's mass that falls inside ``mask`` (resized to the heatmap)."""
-    mask = cv2.resize(mask.astype(np.uint8), (heat.shape[1], heat.shape[0]), interpolation=cv2.INTER_NEAREST)
-    total = float(heat.sum())
-    return float((heat * (mask > 0)).sum() / total) if total > 0 else 0.0
 
 
 class Explainer:

@@ -69,15 +69,29 @@ class MultiStageClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, num_features): per stage, the channels' spatial means, then their std."""
+        return self.features_from(*self.trunk(x, len(self.backbone.blocks)), len(self.backbone.blocks))
+
+    def trunk(self, x: torch.Tensor, stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stem and the first ``stages`` block stages: (their output, their pooled statistics)."""
         b = self.backbone
         x = b.bn1(b.conv_stem(x))
         pooled = []
-        for block in b.blocks:
+        for block in b.blocks[:stages]:
             x = block(x)
             pooled += [x.mean((2, 3)), x.std((2, 3))]
+        return x, torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
+
+    def features_from(self, x: torch.Tensor, pooled: torch.Tensor, stage: int) -> torch.Tensor:
+        """The features from the output ``x`` of stage ``stage - 1`` and the statistics ``pooled`` of the stages
+        before it (``trunk``'s two results): ``features(x) == features_from(*trunk(x, k), k)`` for every k."""
+        b = self.backbone
+        parts = [pooled]
+        for block in b.blocks[stage:]:
+            x = block(x)
+            parts += [x.mean((2, 3)), x.std((2, 3))]
         x = b.bn2(b.conv_head(x))
-        pooled += [x.mean((2, 3)), x.std((2, 3))]
-        return torch.cat(pooled, 1)
+        parts += [x.mean((2, 3)), x.std((2, 3))]
+        return torch.cat(parts, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -129,11 +143,32 @@ def build_model(spec: ModelSpec, num_classes: int = 7) -> nn.Module:
                           f"({str(exc).strip() or type(exc).__name__})") from None
 
 
+LOW_RANK = (".lora_a", ".lora_b")
+
+
+def merge_low_rank(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold low-rank updates into their 1x1 convolutions: ``W += lora_b @ lora_a`` for every ``<conv>.lora_a``
+    (r, in) and ``<conv>.lora_b`` (out, r) beside ``<conv>.weight`` (out, in, 1, 1). A fold trained with
+    ``dermbatch train --tune-stages`` stores only such updates (and its batch-norm scales), so five folds fit
+    in a few MB over the shared ImageNet backbone; the model that runs is an ordinary one."""
+    merged = {k: v for k, v in state.items() if not k.endswith(LOW_RANK)}
+    for key in [k for k in state if k.endswith(".lora_a")]:
+        base = key[: -len(".lora_a")]
+        a, b, weight = state[key], state.get(base + ".lora_b"), merged.get(base + ".weight")
+        if b is None or weight is None or weight.shape[2:] != (1, 1) or b.shape[1] != a.shape[0] \
+                or weight.shape[:2] != (b.shape[0], a.shape[1]):
+            raise BundleError(f"{base}: low-rank update does not fit its convolution")
+        merged[base + ".weight"] = weight + (b.float() @ a.float()).reshape(weight.shape).to(weight.dtype)
+    if any(k.endswith(".lora_b") and k[:-7] + ".lora_a" not in state for k in state):
+        raise BundleError("a low-rank update has lora_b without lora_a")
+    return merged
+
+
 def load_fold_model(bundle: Bundle, task: str, fold: int) -> nn.Module:
-    """Build the fold's model, load its verified weights strictly, and put it in eval mode."""
+    """Build the fold's model, load its verified weights strictly (low-rank updates merged), eval mode."""
     spec = bundle.spec(task)
     model = build_model(spec, num_classes=len(bundle.classes))
-    state = bundle.read_weights(task, fold)
+    state = merge_low_rank(bundle.read_weights(task, fold))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dermbatch import __version__
 from dermbatch.errors import OutputError, UsageError
-from dermbatch.explain import Explainer
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import batched
 from dermbatch.outputs import (
@@ -165,9 +164,11 @@ def _predictor(options: RunOptions, first_use) -> Predictor:
                      precision=options.precision, first_use=first_use)
 
 
-def _explainer(options: RunOptions, predictor: Predictor) -> Explainer | None:
+def _explainer(options: RunOptions, predictor: Predictor):
     if options.explain is None:
         return None
+    from dermbatch.explain import Explainer  # torch: only when explanations are asked for
+
     return Explainer(predictor.bundle, predictor.folds["classification"], options.device, options.guided,
                      predictor.describe()["backend"])
 
@@ -179,7 +180,7 @@ def _output_paths(options: RunOptions) -> dict[str, str]:
             ("explain", options.explain), ("report", report_page), ("manifest", options.manifest)) if v is not None}
 
 
-def _stream(options: RunOptions, predictor: Predictor, explainer: Explainer | None, writer: OutputWriter,
+def _stream(options: RunOptions, predictor: Predictor, explainer, writer: OutputWriter,
             pending: list[InputImage], summary: RunSummary, on_result, start: float) -> None:
     """Predict, explain and hand each batch to the writer as it comes; close the writer and record the
     counts and stage times in the manifest whatever happens (an interrupted run keeps what it wrote)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from dermbatch.annotate import draw_annotation
 from dermbatch.errors import OutputError
-from dermbatch.explain import blend_heatmap
+from dermbatch.heatmap import blend_heatmap
 from dermbatch.outputs import output_path, read_complete_rows, write_bytes_atomic
 
 THUMB_WIDTH = 240

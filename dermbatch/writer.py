@@ -15,7 +15,7 @@ import cv2
 
 from dermbatch.annotate import draw_annotation
 from dermbatch.errors import OutputError
-from dermbatch.explain import blend_heatmap, enlarge
+from dermbatch.heatmap import blend_heatmap, enlarge
 from dermbatch.outputs import CsvAppender, detail_row, output_path, result_row, write_bytes_atomic
 from dermbatch.report import thumb_path, thumbnails
 from dermbatch.result import Result

@@ -129,8 +129,8 @@ def test_fatal_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dermbatch", "run", str(tmp_path), "--out",
                            str(tmp_path / "r.csv"), "--model", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"Error: {tmp_path / 'missing'}: model bundle directory not found"]
+    assert proc.returncode == 2  # a mistyped --model is a usage error
+    assert proc.stderr.splitlines() == [f"Error: {tmp_path / 'missing'}: model bundle directory not found"]
 
 
 def test_python_api_run_accepts_string_paths(tiny_bundle, image_folder, tmp_path):

@@ -62,3 +62,21 @@ def test_sgdr_restarts_with_growing_cycles():
     factors = [lr_factor("sgdr", s, 70, cycle=10, cycle_mult=2) for s in range(70)]
     restarts = [s for s in range(1, 70) if factors[s] > factors[s - 1] + 0.5]
     assert restarts == [10, 30]
+
+
+def test_balanced_accuracy_equals_sklearns_without_its_warning():
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from trainer.metrics import classification_metrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 200)  # classes 5 and 6 never in the truth, but predicted
+    probs = rng.dirichlet(np.ones(7), 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = balanced_accuracy_score(labels, probs.argmax(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert classification_metrics(probs, labels)["balanced_accuracy"] == pytest.approx(expected)

@@ -42,6 +42,13 @@ def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: 
         raise UsageError(f"--class-weights {model_options['class_weights']!r}: choose {', '.join(CLASS_WEIGHTS)}")
     if model_options["tta"] not in TTA_MODES:
         raise UsageError(f"--tta {model_options['tta']!r}: choose none, flip or d4")
+    if model_options.get("tune_stages") is not None:
+        if task != "classification":
+            raise UsageError("--tune-stages fine-tunes a classifier: use it with --task cls")
+        if model_options.get("frozen_backbone") or model_options.get("warm_start") \
+                or model_options.get("pretrained") == "none":
+            raise UsageError("--tune-stages starts from the ImageNet backbone: it goes with none of "
+                             "--frozen-backbone, --warm-start, --pretrained none")
     if model_options.get("frozen_backbone"):
         if task != "classification":
             raise UsageError("--frozen-backbone trains a classifier: use it with --task cls")

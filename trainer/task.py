@@ -46,6 +46,9 @@ class TaskOptions:
     pretrained: str = "imagenet"
     warm_start: Path | None = None
     frozen_backbone: bool = False
+    tune_stages: int | None = None  # fine-tune stages from this one on over a cached frozen trunk (trainer/tuned.py)
+    lora_rank: int = 4
+    jitter_views: int = 8
     tta: str = "flip"
     crop: CropSpec = field(default_factory=CropSpec)
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
@@ -62,7 +65,7 @@ def model_spec(opts: TaskOptions) -> ModelSpec:
     size = opts.input_size or DEFAULT_INPUT[opts.task]
     seg = opts.task == "segmentation"
     encoder = f"tu-{opts.encoder}" if seg and not opts.encoder.startswith("tu-") else opts.encoder
-    if opts.frozen_backbone:  # the frozen batch-norm statistics need the input the weights were trained on
+    if opts.frozen_backbone or opts.tune_stages:  # frozen batch-norm statistics need the weights' own input
         mean, std = pretrained_normalization(encoder)
         return ModelSpec(opts.task, "timm-multistage", encoder, (size, size), mean, std, tuple(range(opts.folds)),
                          tta=opts.tta)

@@ -88,6 +88,10 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         from trainer.frozen import train_frozen
 
         train_frozen(opts, spec, fold_of, done, weights, provenance, cache, progress)
+    elif opts.tune_stages is not None:
+        from trainer.tuned import train_tuned
+
+        train_tuned(opts, spec, fold_of, done, weights, provenance, cache, progress)
     else:
         _fine_tune_folds(opts, spec, fold_of, done, weights, provenance, cache, progress)
     metrics = oof_metrics(opts.out, opts.task, opts.folds)

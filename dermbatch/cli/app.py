@@ -13,20 +13,61 @@ import sys
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from typer.core import TyperCommand
 
 from dermbatch import __version__
 from dermbatch.errors import DermbatchError
 
-app = typer.Typer(name="dermbatch", add_completion=False, no_args_is_help=True,
+
+class Command(TyperCommand):
+    """Plain help text: arguments by their metavar (``INPUT...``) in the usage line and the arguments list,
+    options as ``--out CSV``, examples kept as written (a ``\b`` paragraph)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(param.metavar or param.name.upper())
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        arguments = [(p.metavar or p.name.upper(), (p.help or "") + ("  [required]" if p.required else ""))
+                     for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        options = [r for p in self.get_params(ctx) if p.param_type_name != "argument"
+                   if (r := p.get_help_record(ctx)) is not None]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+app = typer.Typer(name="dermbatch", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
                   help="Segment, crop and classify dermoscopic images in batches (ISIC 2018 classes).")
-stderr = Console(stderr=True)
+NO_WRAP_WIDTH = 10_000  # off a terminal (a log file, a pipe): lines are never wrapped or cut
+
+
+def console(to_stderr: bool = False) -> Console:
+    """A Rich console that wraps to the terminal's width on a terminal, and not at all elsewhere."""
+    stream = sys.stderr if to_stderr else sys.stdout
+    terminal = stream.isatty()
+    return Console(stderr=to_stderr, width=None if terminal else NO_WRAP_WIDTH, soft_wrap=not terminal)
+
+
+stderr = console(to_stderr=True)
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Log lines on stderr: Rich's on a terminal, plain unwrapped lines elsewhere."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False, rich_tracebacks=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    if sys.stderr.isatty():
+        handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     for name in ("dermbatch", "trainer", "engines"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
@@ -55,11 +96,12 @@ def run_app(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        stderr.print("Aborted.")
+    except typer.Abort as exc:  # Click turns Ctrl-C into Abort; the run command's message rides on its cause
+        cause = exc.__cause__
+        print(str(cause) if isinstance(cause, KeyboardInterrupt) and str(cause) else "Aborted.", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        stderr.print("Interrupted; rows written so far are kept (continue with --resume).")
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "Interrupted; rows written so far are kept (continue with --resume).", file=sys.stderr)
         return 130
     except DermbatchError as exc:
         if debug:

@@ -6,20 +6,25 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from dermbatch.cli.app import app
+from dermbatch.cli.app import Command, app, console
 from dermbatch.errors import DermbatchError
 
 WARNING = "Research tool, not a medical device: do not use its output to diagnose or treat anyone."
 
 
-@app.command("models")
+@app.command("models", cls=Command)
 def models_command(
-    search: list[Path] = typer.Argument(None, help="Also list bundles in these folders."),
+    search: list[Path] = typer.Argument(None, metavar="[DIR]...", help="Also list bundles in these folders."),
 ) -> int:
-    """List installed model bundles (the packaged default, $DERMBATCH_MODEL, and folders given)."""
+    """List installed model bundles (the packaged default, $DERMBATCH_MODEL, and folders given).
+
+    \b
+    Examples:
+      dermbatch models
+      dermbatch models runs/ other-bundles/
+    """
     from dermbatch.catalog import installed_bundles, load_summary
 
     table = Table("found as", "name", "path", "folds (seg / cls)", "OOF headline")
@@ -36,35 +41,44 @@ def models_command(
     if not table.rows:
         typer.echo("no bundles found: pass --model DIR to dermbatch run, or train one with dermbatch train")
         return 0
-    Console().print(table)
+    console().print(table)
     return 0
 
 
-@app.command("info")
+@app.command("info", cls=Command)
 def info_command(
-    model: Path | None = typer.Option(None, "--model", "-m", help="Bundle [default: installed bundle]."),
+    model: Path | None = typer.Option(None, "--model", "-m", metavar="DIR", help="Bundle [default: installed bundle]."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> int:
-    """Summarise a bundle: models, folds, training data, out-of-fold metrics, engines, intended use."""
+    """Summarise a bundle: models, folds, training data, out-of-fold metrics, engines, intended use.
+
+    \b
+    Examples:
+      dermbatch info
+      dermbatch info --model my-bundle --json
+    """
     from dermbatch.catalog import load_summary
 
     s = load_summary(model)
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return 0
-    console = Console()
-    console.print(f"[bold]{s['name']}[/bold]  {s['path']}")
-    console.print(WARNING, style="yellow")
+    out = console()
+    out.print(f"[bold]{s['name']}[/bold]  {s['path']}")
+    out.print(WARNING, style="yellow")
     for task in ("segmentation", "classification"):
         entry = s[task]
         if entry is None:
-            console.print(f"{task}: none")
+            out.print(f"{task}: none")
             continue
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["oof_metrics"].items()) or "no OOF metrics"
-        console.print(f"{task}: {entry['model']}, input {entry['input']}, folds {entry['folds']}, TTA {entry['tta']}"
-                      f"\n  data: {entry['data']}\n  out-of-fold: {metrics}", highlight=False)
-    console.print(f"crop: {s['crop']}; preprocessing: {s['preprocessing']}", highlight=False)
-    console.print(f"engines: {', '.join(s['engines']) or 'none (dermbatch build-engine)'}", highlight=False)
+        out.print(f"{task}: {entry['model']}, input {entry['input']}, folds {entry['folds']}, TTA {entry['tta']}"
+                  f"\n  data: {entry['data']}\n  out-of-fold: {metrics}", highlight=False)
+    crop, pre = s["crop"], s["preprocessing"]
+    out.print(f"crop: margin {crop['margin']}, {'square' if crop['square'] else 'box'}, background "
+              f"{crop['background']}; preprocessing: colour constancy {pre['color_constancy']}, gamma {pre['gamma']}",
+              highlight=False)
+    out.print(f"engines: {', '.join(s['engines']) or 'none (dermbatch build-engine)'}", highlight=False)
     if s["model_card"]:
-        console.print(f"model card: {s['model_card']}", highlight=False)
+        out.print(f"model card: {s['model_card']}", highlight=False)
     return 0

@@ -2,43 +2,59 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dermbatch.cli.app import app, setup_logging, stderr
+from dermbatch.cli.app import Command, app, setup_logging, stderr
 from dermbatch.errors import UsageError
 
 
-@app.command("run")
+@app.command("run", cls=Command)
 def run_command(
-    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (jpg, png, bmp, tif)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Results CSV (ISIC 2018 Task 3 format)."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder [default: installed bundle]."),
-    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | openvino | tensorrt (those installed)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16 | int8: which engine (or torch autocast) "
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT...",
+        help="Image files and/or folders (jpg, png, bmp, tif)."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="CSV", help="Results CSV (ISIC 2018 Task 3 format)."),
+    model: Path | None = typer.Option(None, "--model", "-m", metavar="DIR",
+        help="Model bundle folder [default: installed bundle]."),
+    backend: str = typer.Option("auto", metavar="NAME",
+        help="auto | torch | onnxruntime | openvino | tensorrt (those installed)."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", metavar="PRECISION",
+        help="auto | fp32 | fp16 | bf16 | int8: which engine (or torch autocast) "
                                                "to use."),
-    tta: str | None = typer.Option(None, help="none | flip (4 views) | d4 (8 views) [default: the bundle's]."),
-    folds: str = typer.Option("all", help="'all' or fold numbers, e.g. 0,2."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward batch."),
-    workers: int = typer.Option(2, min=0, help="Decode threads (0: decode in the main thread)."),
-    masks: Path | None = typer.Option(None, help="Write <id>_segmentation.png masks (0/255) here."),
-    annotate: Path | None = typer.Option(None, help="Write annotated images here."),
-    crops: Path | None = typer.Option(None, help="Write the classifier's lesion crops here."),
-    details: Path | None = typer.Option(None, help="Details CSV [default: <out stem>_details.csv]."),
-    explain: Path | None = typer.Option(None, help="Write Grad-CAM heatmaps of the predicted class here."),
+    tta: str | None = typer.Option(None, metavar="MODE",
+        help="none | flip (4 views) | d4 (8 views) [default: the bundle's]."),
+    folds: str = typer.Option("all", metavar="FOLDS", help="'all' or fold numbers, e.g. 0,2."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, metavar="N", help="Images per forward batch."),
+    workers: int = typer.Option(2, min=0, metavar="N", help="Decode threads (0: decode in the main thread)."),
+    masks: Path | None = typer.Option(None, metavar="DIR", help="Write <id>_segmentation.png masks (0/255) here."),
+    annotate: Path | None = typer.Option(None, metavar="DIR", help="Write annotated images here."),
+    crops: Path | None = typer.Option(None, metavar="DIR", help="Write the classifier's lesion crops here."),
+    details: Path | None = typer.Option(None, metavar="CSV", help="Details CSV [default: <out stem>_details.csv]."),
+    explain: Path | None = typer.Option(None, metavar="DIR",
+        help="Write Grad-CAM heatmaps of the predicted class here."),
     guided: bool = typer.Option(False, "--guided", help="With --explain: guided Grad-CAM images too."),
-    report: Path | None = typer.Option(None, help="Write a static HTML report (index.html + thumbnails) here."),
+    report: Path | None = typer.Option(None, metavar="DIR",
+        help="Write a static HTML report (index.html + thumbnails) here."),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --out and append the rest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Descend into sub-folders."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the output paths (and errors)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debugging details."),
 ) -> int:
-    """Segment, crop and classify every image; write the CSV and the requested outputs as results arrive."""
+    """Segment, crop and classify every image; write the CSV and the requested outputs as results arrive.
+
+    \b
+    Examples:
+      dermbatch run ./images --out results.csv
+      dermbatch run ./images --out results.csv --masks masks/ --annotate annotated/ --report report/
+      dermbatch run a.jpg more/ --out r.csv --model my-bundle --tta d4 --folds 0,2 --batch-size 16
+      dermbatch run ./images --out results.csv --resume          # continue an interrupted run
+    """
     from dermbatch.backends import backend_names
     from dermbatch.cli.first_use import build_default_engine
     from dermbatch.pipeline import RunOptions, run
@@ -57,28 +73,55 @@ def run_command(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=stderr, disable=quiet, transient=False)
-    state = {"task": None}
+    state = {"task": None, "done": 0, "total": 0}
 
-    def on_start(count: int) -> None:
+    def stop_progress() -> None:  # Rich prints a newline when a bar that never started is stopped
+        if state["task"] is not None:
+            progress.stop()
+
+    def on_start(count: int) -> None:  # the bar starts with the images (an early error leaves no blank line)
+        progress.start()
+        state["total"] = count
         state["task"] = progress.add_task("run", total=count, rate="")
 
     def on_result(result) -> None:
         if not result.ok:
             progress.console.print(f"skipped {result.path}: {result.error}", markup=False, highlight=False,
                                    soft_wrap=True)
+        state["done"] += 1
         progress.update(state["task"], advance=1)
         task = progress.tasks[0]  # results arrive a batch at a time: average over the run, not a window
         if task.elapsed:
             progress.update(state["task"], rate=f"{task.completed / task.elapsed:.2f} img/s")
 
-    with progress:
+    try:
         summary = run(options, on_start=on_start, on_result=on_result, first_use=build_default_engine)
+    except KeyboardInterrupt:
+        stop_progress()
+        raise Interrupted(f"Interrupted: {state['done']} of {state['total']} images done this run and kept; "
+                          f"continue with: {resume_command()}") from None
+    finally:
+        stop_progress()
     if quiet:
         for path in summary.outputs.values():
             typer.echo(path)
     else:
         stderr.print(_summary_table(summary))
     return summary.exit_code
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with the line to print: how far it got and how to continue."""
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same arguments, ``--overwrite`` replaced by ``--resume``."""
+    import shlex
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["dermbatch", *args])
 
 
 def _summary_table(summary) -> Table:

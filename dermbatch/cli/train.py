@@ -7,53 +7,83 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dermbatch.cli.app import app, setup_logging, stderr
+from dermbatch.cli.app import Command, app, setup_logging, stderr
 from dermbatch.errors import UsageError
 
 TASKS = {"seg": "segmentation", "cls": "classification", "both": "both"}
 
 
-@app.command("train")
+@app.command("train", cls=Command)
 def train_command(
-    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create or extend."),
-    task: str = typer.Option("both", help="seg | cls | both (both needs --data in the official layout)."),
-    data: Path = typer.Option(Path("data"), help="Official ISIC 2018 layout (used when --task both)."),
-    images: Path | None = typer.Option(None, help="Images folder (with --task seg|cls)."),
-    masks: Path | None = typer.Option(None, help="Masks folder: <id>_segmentation.png (seg: required; cls: crops)."),
-    labels: Path | None = typer.Option(None, help="Labels CSV (cls): label or one-hot columns, optional lesion_id."),
-    folds: int = typer.Option(5, min=2, help="Number of folds (k-fold, grouped by lesion)."),
-    epochs: int = typer.Option(10, min=1),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    input_size: int | None = typer.Option(None, help="Square input size [default: seg 256, cls 224]."),
-    encoder: str = typer.Option("tf_efficientnet_lite0", help="timm model name (smp 'tu-' encoder for seg)."),
-    pretrained: str = typer.Option("imagenet", help="none | imagenet | PATH to a weights file."),
-    warm_start: Path | None = typer.Option(None, "--warm-start", help="Start each fold from the same fold of "
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Bundle folder to create or extend."),
+    task: str = typer.Option("both", metavar="TASK",
+        help="seg | cls | both (both needs --data in the official layout)."),
+    data: Path = typer.Option(Path("data"), metavar="DIR", help="Official ISIC 2018 layout (used when --task both)."),
+    images: Path | None = typer.Option(None, metavar="DIR", help="Images folder (with --task seg|cls)."),
+    masks: Path | None = typer.Option(None, metavar="DIR",
+        help="Masks folder: <id>_segmentation.png (seg: required; cls: crops)."),
+    labels: Path | None = typer.Option(None, metavar="CSV",
+        help="Labels CSV (cls): label or one-hot columns, optional lesion_id."),
+    folds: int = typer.Option(5, min=2, metavar="FOLDS", help="Number of folds (k-fold, grouped by lesion)."),
+    epochs: int = typer.Option(10, min=1, metavar="N"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, metavar="N"),
+    input_size: int | None = typer.Option(None, metavar="PX", help="Square input size [default: seg 256, cls 224]."),
+    encoder: str = typer.Option("tf_efficientnet_lite0", metavar="NAME",
+        help="timm model name (smp 'tu-' encoder for seg)."),
+    pretrained: str = typer.Option("imagenet", metavar="WEIGHTS", help="none | imagenet | PATH to a weights file."),
+    warm_start: Path | None = typer.Option(None, "--warm-start", metavar="DIR",
+        help="Start each fold from the same fold of "
                                            "this bundle (same model and split): train longer in a new run."),
     frozen_backbone: bool = typer.Option(False, "--frozen-backbone", help="cls: keep the pretrained backbone "
                                          "and fit only a linear classifier on its pooled stage features (minutes "
                                          "on a CPU; --epochs/--lr/... do not apply)."),
-    lr: float = typer.Option(1e-3, help="Head learning rate (the backbone gets lr x --backbone-lr-mult)."),
-    backbone_lr_mult: float = typer.Option(0.1, help="Differential learning rate of the pretrained backbone."),
-    head_warmup_epochs: int = typer.Option(0, help="Epochs training only the head (backbone frozen)."),
-    schedule: str = typer.Option("cosine", help="cosine | sgdr | onecycle."),
-    sgdr_cycle: int = typer.Option(0, help="SGDR first cycle length in epochs [default: a third of the run]."),
-    patience: int = typer.Option(0, help="Early stopping after N epochs without improvement (0: off)."),
-    class_weights: str = typer.Option("balanced-sqrt", help="ones | balanced | balanced-sqrt (cls)."),
-    focal_gamma: float = typer.Option(0.0, help="Focal loss gamma (cls; 0: cross-entropy)."),
-    label_smoothing: float = typer.Option(0.0, help="Label smoothing (cls)."),
+    tune_stages: int | None = typer.Option(None, "--tune-stages", metavar="K", min=1,
+        help="cls: freeze the stem and stages 0..K-1 at their ImageNet weights, cache their output once per "
+             "image and view (8 dihedral views + --jitter-views), and fine-tune stages K.. with rank "
+             "--lora-rank updates, their batch-norm scales and a linear-probe-initialised classifier (LP-FT). "
+             "Tens of images/s on a CPU; each fold stores a few hundred kB."),
+    lora_rank: int = typer.Option(4, "--lora-rank", metavar="R", min=1,
+        help="With --tune-stages: rank of the update of every 1x1 convolution of the tuned stages."),
+    jitter_views: int = typer.Option(8, "--jitter-views", metavar="N", min=0,
+        help="With --tune-stages: cached views per image besides the 8 dihedral ones (scale/shift crop, colour "
+             "jitter)."),
+    lr: float = typer.Option(1e-3, metavar="LR",
+        help="Head learning rate (the backbone gets lr x --backbone-lr-mult)."),
+    backbone_lr_mult: float = typer.Option(0.1, metavar="X",
+        help="Differential learning rate of the pretrained backbone."),
+    head_warmup_epochs: int = typer.Option(0, metavar="N", help="Epochs training only the head (backbone frozen)."),
+    schedule: str = typer.Option("cosine", metavar="NAME", help="cosine | sgdr | onecycle."),
+    sgdr_cycle: int = typer.Option(0, metavar="EPOCHS",
+        help="SGDR first cycle length in epochs [default: a third of the run]."),
+    patience: int = typer.Option(0, metavar="N", help="Early stopping after N epochs without improvement (0: off)."),
+    class_weights: str = typer.Option("balanced-sqrt", metavar="MODE", help="ones | balanced | balanced-sqrt (cls)."),
+    focal_gamma: float = typer.Option(0.0, metavar="GAMMA", help="Focal loss gamma (cls; 0: cross-entropy)."),
+    label_smoothing: float = typer.Option(0.0, metavar="EPS", help="Label smoothing (cls)."),
     balanced_sampling: bool = typer.Option(False, "--balanced-sampling", help="Class-balanced sampling (cls)."),
-    tta: str = typer.Option("flip", help="Default TTA stored in the bundle: none | flip | d4."),
-    color_constancy: str = typer.Option("none", help="none | shades_of_gray: stored in the bundle, applied by run."),
-    gamma: float = typer.Option(1.0, help="Gamma correction stored in the bundle and applied by run (1: off)."),
-    limit: int | None = typer.Option(None, help="Use a seeded random subset of N images (quick runs)."),
-    seed: int = typer.Option(0),
-    workers: int = typer.Option(2, min=0, help="Data-loading worker processes."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    cache: Path | None = typer.Option(None, help="Decode cache [default: ~/.cache/dermbatch/train]."),
+    tta: str = typer.Option("flip", metavar="MODE", help="Default TTA stored in the bundle: none | flip | d4."),
+    color_constancy: str = typer.Option("none", metavar="MODE",
+        help="none | shades_of_gray: stored in the bundle, applied by run."),
+    gamma: float = typer.Option(1.0, metavar="GAMMA",
+        help="Gamma correction stored in the bundle and applied by run (1: off)."),
+    limit: int | None = typer.Option(None, metavar="N", help="Use a seeded random subset of N images (quick runs)."),
+    seed: int = typer.Option(0, metavar="N"),
+    workers: int = typer.Option(2, min=0, metavar="N", help="Data-loading worker processes."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
+    cache: Path | None = typer.Option(None, metavar="DIR", help="Decode cache [default: ~/.cache/dermbatch/train]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its checkpoints."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
-    """Train k-fold segmentation and/or classification models into a bundle that `dermbatch run` reads."""
+    """Train k-fold segmentation and/or classification models into a bundle that `dermbatch run` reads.
+
+    \b
+    Examples:
+      dermbatch train --data isic2018/ --out my-bundle --folds 5
+      dermbatch train --task seg --images isic/images --masks isic/masks --out my-bundle --input-size 128
+      dermbatch train --task cls --images ham/images --labels ham/labels.csv --masks ham/masks --out my-bundle \\
+          --input-size 128 --tune-stages 4 --epochs 8 --lr 1e-4 --backbone-lr-mult 10 --class-weights balanced
+      dermbatch train --task cls --images ham/images --labels ham/labels.csv --out my-bundle --frozen-backbone
+      dermbatch train --task cls ... --out my-bundle --resume      # continue after an interruption
+    """
     from dermbatch.backends.torch import resolve_device
     from dermbatch.bundle import PreprocessSpec
     from dermbatch.manifest import COLOR_CONSTANCY
@@ -71,8 +101,9 @@ def train_command(
                balanced_sampling=balanced_sampling, seed=seed, workers=workers, device=str(resolve_device(device)))
     plans = plan_tasks(TASKS[task], out=out, data=data, images=images, masks=masks, labels=labels, folds=folds,
                        input_size=input_size, encoder=encoder, pretrained=pretrained, warm_start=warm_start,
-                       frozen_backbone=frozen_backbone,
-                       tta=tta, class_weights=class_weights, focal_gamma=focal_gamma, label_smoothing=label_smoothing,
+                       frozen_backbone=frozen_backbone, tune_stages=tune_stages, lora_rank=lora_rank,
+                       jitter_views=jitter_views, tta=tta, class_weights=class_weights, focal_gamma=focal_gamma,
+                       label_smoothing=label_smoothing,
                        limit=limit, cache=cache, resume=resume, fit=fit,
                        preprocessing=PreprocessSpec(color_constancy=color_constancy, gamma=gamma))
     from trainer.train import train_task
@@ -89,24 +120,31 @@ def train_command(
     return 0
 
 
-@app.command("lr-find")
+@app.command("lr-find", cls=Command)
 def lr_find_command(
-    task: str = typer.Option(..., help="seg | cls."),
-    images: Path = typer.Option(..., help="Images folder."),
-    masks: Path | None = typer.Option(None, help="Masks folder (seg: required; cls: lesion crops)."),
-    labels: Path | None = typer.Option(None, help="Labels CSV (cls)."),
-    out: Path = typer.Option(Path("lr_find.png"), "--out", "-o", help="Where to save the loss curve (PNG)."),
-    input_size: int | None = typer.Option(None),
-    encoder: str = typer.Option("tf_efficientnet_lite0"),
-    pretrained: str = typer.Option("imagenet"),
-    batch_size: int = typer.Option(16, "--batch-size", min=2),
-    steps: int = typer.Option(100, min=10),
-    limit: int | None = typer.Option(2000, help="Images to sample from (whole lesions)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    cache: Path | None = typer.Option(None),
+    task: str = typer.Option(..., metavar="TASK", help="seg | cls."),
+    images: Path = typer.Option(..., metavar="DIR", help="Images folder."),
+    masks: Path | None = typer.Option(None, metavar="DIR", help="Masks folder (seg: required; cls: lesion crops)."),
+    labels: Path | None = typer.Option(None, metavar="CSV", help="Labels CSV (cls)."),
+    out: Path = typer.Option(Path("lr_find.png"), "--out", "-o", metavar="PNG",
+        help="Where to save the loss curve (PNG)."),
+    input_size: int | None = typer.Option(None, metavar="PX", help="Square input size (default: seg 256, cls 224)."),
+    encoder: str = typer.Option("tf_efficientnet_lite0", metavar="NAME", help="timm model name, as for train."),
+    pretrained: str = typer.Option("imagenet", metavar="WEIGHTS", help="none | imagenet | PATH to a weights file."),
+    batch_size: int = typer.Option(16, "--batch-size", min=2, metavar="N", help="Images per step."),
+    steps: int = typer.Option(100, min=10, metavar="N", help="Steps of the sweep (the LR grows each step)."),
+    limit: int | None = typer.Option(2000, metavar="N", help="Images to sample from (whole lesions)."),
+    seed: int = typer.Option(0, metavar="N", help="Seed of the sample and the sweep."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
+    cache: Path | None = typer.Option(None, metavar="DIR", help="Decode cache (default: ~/.cache/dermbatch/train)."),
 ) -> int:
-    """The learning-rate range test: sweep the LR, save the loss curve as a PNG, print a suggested rate."""
+    """The learning-rate range test: sweep the LR, save the loss curve as a PNG, print a suggested rate.
+
+    \b
+    Examples:
+      dermbatch lr-find --task cls --images ham/images --labels ham/labels.csv --masks ham/masks --input-size 128
+      dermbatch lr-find --task seg --images isic/images --masks isic/masks --steps 200 -o seg_lr.png
+    """
     from dermbatch.backends.torch import resolve_device
     from trainer.lr_find import lr_find, plot
     from trainer.run import plan_tasks
@@ -126,23 +164,31 @@ def lr_find_command(
     return 0
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=Command)
 def evaluate_command(
-    images: Path = typer.Option(..., help="Images with ground truth."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Bundle [default: installed bundle]."),
-    masks: Path | None = typer.Option(None, help="Ground-truth masks (<id>_segmentation.png)."),
-    labels: Path | None = typer.Option(None, help="Ground-truth labels CSV."),
-    out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Folder for predictions and evaluation.json."),
-    tta: str | None = typer.Option(None),
-    folds: str = typer.Option("all"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    workers: int = typer.Option(2, min=0),
-    device: str = typer.Option("auto"),
-    backend: str = typer.Option("auto"),
-    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | int8 (engine precision)."),
+    images: Path = typer.Option(..., metavar="DIR", help="Images with ground truth."),
+    model: Path | None = typer.Option(None, "--model", "-m", metavar="DIR", help="Bundle [default: installed bundle]."),
+    masks: Path | None = typer.Option(None, metavar="DIR", help="Ground-truth masks (<id>_segmentation.png)."),
+    labels: Path | None = typer.Option(None, metavar="CSV", help="Ground-truth labels CSV."),
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o", metavar="DIR",
+        help="Folder for predictions and evaluation.json."),
+    tta: str | None = typer.Option(None, metavar="MODE", help="none | flip | d4 (default: the bundle's)."),
+    folds: str = typer.Option("all", metavar="FOLDS", help="'all' or fold numbers, e.g. 0,2."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="Images per forward batch."),
+    workers: int = typer.Option(2, min=0, metavar="N", help="Decode threads (0: decode in the main thread)."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
+    backend: str = typer.Option("auto", metavar="NAME", help="auto | torch | onnxruntime | openvino | tensorrt."),
+    precision: str = typer.Option("auto", metavar="PRECISION",
+                                  help="auto | fp32 | fp16 | bf16 | int8 (engine precision, as for run)."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM of every crop for the report."),
 ) -> int:
-    """Run the pipeline on images with ground truth; write the ISIC metrics and an HTML report with plots."""
+    """Run the pipeline on images with ground truth; write the ISIC metrics and an HTML report with plots.
+
+    \b
+    Examples:
+      dermbatch evaluate --images ham/images --labels ham/labels.csv -o eval/
+      dermbatch evaluate --images isic/images --masks isic/masks --model my-bundle --backend onnxruntime
+    """
     from dermbatch.cli.first_use import build_default_engine
     from trainer.evaluate import evaluate
     from trainer.metrics import headline
@@ -161,17 +207,26 @@ def evaluate_command(
     return 3 if report["failed"] else 0
 
 
-@app.command("pack")
+@app.command("pack", cls=Command)
 def pack_command(
-    model: Path = typer.Option(..., "--model", "-m", help="Trained bundle to pack."),
-    out: Path = typer.Option(..., "--out", "-o", help="New bundle folder."),
-    half: str = typer.Option("seg,cls", help="Models stored as float16 (half the size): seg, cls, seg,cls, none."),
-    check_images: Path | None = typer.Option(None, help="Images to compare the packed bundle with the original."),
-    tolerance: float = typer.Option(1e-3, help="Largest probability difference accepted by the check."),
-    name: str | None = typer.Option(None, help="Bundle name [default: the original's]."),
-    note: str | None = typer.Option(None, help="A note for the model card (how the training deviated, …)."),
+    model: Path = typer.Option(..., "--model", "-m", metavar="DIR", help="Trained bundle to pack."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="New bundle folder."),
+    half: str = typer.Option("seg,cls", metavar="MODELS",
+        help="Models stored as float16 (half the size): seg, cls, seg,cls, none."),
+    check_images: Path | None = typer.Option(None, metavar="DIR",
+        help="Images to compare the packed bundle with the original."),
+    tolerance: float = typer.Option(1e-3, metavar="P", help="Largest probability difference accepted by the check."),
+    name: str | None = typer.Option(None, metavar="NAME", help="Bundle name [default: the original's]."),
+    note: str | None = typer.Option(None, metavar="TEXT",
+        help="A note for the model card (how the training deviated, …)."),
 ) -> int:
-    """Copy a trained bundle for distribution (weights, manifest, metrics, splits, logs, model card)."""
+    """Copy a trained bundle for distribution (weights, manifest, metrics, splits, logs, model card).
+
+    \b
+    Examples:
+      dermbatch pack --model runs/b1 --out dist/b1 --half none --check-images ham/images
+      dermbatch pack --model runs/b1 --out dist/b1-fp16 --half cls --check-images ham/images --tolerance 1e-3
+    """
     from trainer.package import pack_bundle, parse_half
 
     setup_logging()

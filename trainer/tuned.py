@@ -1,0 +1,346 @@
+"""``dermbatch train --task cls --tune-stages K``: k-fold fine-tuning of the upper stages, fast on a CPU.
+
+The stem and the first K block stages keep their ImageNet weights. Their output is computed once per image
+and view and cached (fp16, ``checkpoints/cls_trunk.npy``): the 8 dihedral views of the exact crop
+``dermbatch run`` makes, and ``--jitter-views`` more, each a random scale/shift crop with a random dihedral
+view and colour jitter. Training then runs only the upper stages on cached tensors: every step draws one
+cached view per image, so the frozen part costs nothing after the first pass.
+
+Per fold, only small tensors are learnt, and only they are stored (``cls_fold<k>.safetensors``, a few
+hundred kB; the ImageNet backbone is stored once in ``cls_shared.safetensors``):
+- a rank-R update (``lora_a`` (R, in), ``lora_b`` (out, R); LoRA) of every 1x1 convolution of stages K and
+  later and of the head convolution; ``dermbatch.models.merge_low_rank`` folds it into the weights when the
+  bundle is loaded, so the model that runs is an ordinary ``timm-multistage`` classifier;
+- the batch-norm scales and shifts of those stages (their running statistics stay the ImageNet ones: every
+  layer runs in inference mode, in training too);
+- the linear classifier on the pooled statistics of every stage, initialised from a linear probe (LP-FT).
+
+The schedule is fixed (no epoch is chosen on the held-out fold), and the out-of-fold predictions are made
+with the fold's merged model on the exact crops with the bundle's TTA, as ``dermbatch run`` makes them.
+Every epoch is checkpointed; ``--resume`` continues a fold where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dermbatch.bundle import CLASSES, ModelSpec, save_weights
+from dermbatch.errors import UsageError
+from dermbatch.models import merge_low_rank
+from dermbatch.preprocess import normalize, resize_rgb
+from trainer.augment import jitter_crop, photometric
+from trainer.dataset import TrainingSet
+from trainer.fit import _append_csv, derived_seed
+from trainer.metrics import classification_metrics
+from trainer.oof import classification_oof, write_rows
+from trainer.optim import lr_factor
+from trainer.task import existing_manifest, make_loss, new_model, update_manifest
+
+log = logging.getLogger(__name__)
+D4_VIEWS = 8  # cached views 0..7: rot90^(k % 4), then a horizontal flip for k >= 4
+FLIP_VIEWS = (0, 4, 6, 2)  # identity, horizontal, vertical, both: the "flip" TTA among the cached views
+PROBE_C = 3e-4  # the linear probe's inverse L2 strength: the one the frozen recipe's inner CV chose in every fold
+
+
+def d4_view(image: np.ndarray, k: int) -> np.ndarray:
+    view = np.rot90(image, k % 4)
+    return np.ascontiguousarray(view[:, ::-1] if k >= 4 else view)
+
+
+def training_views(arrays: dict, spec: ModelSpec, jitter: int, rng: np.random.Generator) -> np.ndarray:
+    """(8 + jitter, 3, H, W) normalised inputs: the exact crop's dihedral views, then jittered crops."""
+    views = [d4_view(arrays["crop"], k) for k in range(D4_VIEWS)]
+    for _ in range(jitter):
+        crop = resize_rgb(jitter_crop(rng, arrays["loose"], float(arrays["inner"])), spec.input_size)
+        views.append(photometric(rng, d4_view(crop, int(rng.integers(D4_VIEWS)))))
+    return np.stack([normalize(v, spec) for v in views])
+
+
+class LowRankConv(nn.Module):
+    """A frozen 1x1 convolution plus a trainable rank-``rank`` update: ``conv(x) + b(a(x))``; ``b`` starts at 0."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int, seed: int):
+        super().__init__()
+        self.conv = conv
+        generator = torch.Generator().manual_seed(seed)
+        self.lora_a = nn.Parameter(torch.randn(rank, conv.in_channels, generator=generator) / conv.in_channels ** 0.5)
+        self.lora_b = nn.Parameter(torch.zeros(conv.out_channels, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.conv2d(F.conv2d(x, self.lora_a[:, :, None, None]), self.lora_b[:, :, None, None])
+        return self.conv(x) + update
+
+
+class TunedTop(nn.Module):
+    """A fold's trainable model: the multistage classifier from stage ``stage`` on, with low-rank updates, over
+    the cached trunk outputs; its classifier reads standardised features (``mu``, ``sd``), folded away when the
+    fold is saved."""
+
+    def __init__(self, model, stage: int, rank: int, seed: int):
+        super().__init__()
+        self.model, self.stage = model, stage
+        b = model.backbone
+        convs = [(block, name) for stage_blocks in b.blocks[stage:] for block in stage_blocks
+                 for name in ("conv_pw", "conv_pwl") if getattr(block, name, None) is not None
+                 and getattr(block, name).kernel_size == (1, 1)] + [(b, "conv_head")]
+        for i, (owner, name) in enumerate(convs):
+            setattr(owner, name, LowRankConv(getattr(owner, name), rank, seed + i))
+        for p in model.parameters():
+            p.requires_grad = False
+        self.tuned = [m for m in [*b.blocks[stage:].modules(), b.bn2] if isinstance(m, nn.BatchNorm2d)]
+        for module in self.tuned:
+            module.weight.requires_grad = module.bias.requires_grad = True
+        for module in model.modules():
+            if isinstance(module, LowRankConv):
+                module.lora_a.requires_grad = module.lora_b.requires_grad = True
+        model.classifier.weight.requires_grad = model.classifier.bias.requires_grad = True
+        self.register_buffer("mu", torch.zeros(model.num_features))
+        self.register_buffer("sd", torch.ones(model.num_features))
+        self.eval()
+
+    def train(self, mode: bool = True):  # batch norm keeps its ImageNet statistics: always inference mode
+        return super().train(False)
+
+    def features(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.model.features_from(x, pooled, self.stage)
+
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.model.classifier((self.features(x, pooled) - self.mu) / self.sd)
+
+    def fold_state(self) -> dict[str, torch.Tensor]:
+        """What this fold stores: low-rank updates, tuned batch-norm affines, the de-standardised classifier."""
+        state = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LowRankConv):
+                state[f"{name}.lora_a"], state[f"{name}.lora_b"] = module.lora_a, module.lora_b
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.BatchNorm2d) and any(module is t for t in self.tuned):
+                state[f"{name}.weight"], state[f"{name}.bias"] = module.weight, module.bias
+        weight = self.model.classifier.weight / self.sd
+        state["classifier.weight"] = weight
+        state["classifier.bias"] = self.model.classifier.bias - weight @ self.mu
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def shared_state(model, fold_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The frozen ImageNet tensors every fold shares (stored once), in the plain model's names."""
+    return {k: v for k, v in model.state_dict().items() if k not in fold_keys and not k.startswith("classifier.")}
+
+
+@torch.no_grad()
+def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter: int, seed: int, path: Path,
+                progress=None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(trunk outputs (N, V, C, h, w) fp16, pooled stage statistics (N, V, D) fp32, images/s): read from
+    ``path`` when made with the same settings for the same images, else computed (and saved there)."""
+    key = json.dumps({"spec": asdict(spec) | {"folds": None}, "stage": stage, "jitter": jitter, "seed": seed,
+                      "ids": [i.image_id for i in dataset.items]}, sort_keys=True, default=str)
+    meta = path.with_suffix(".json")
+    if meta.exists() and json.loads(meta.read_text()).get("key") == key:
+        log.info("classification: reusing the cached trunk outputs in %s", path)
+        return (np.load(path, mmap_mode="r"), np.load(path.with_name(path.stem + "_stats.npy")),
+                json.loads(meta.read_text())["images_per_s"])
+    model.eval()
+    views = D4_VIEWS + jitter
+    task_id = progress.add_task("classification: frozen trunk, once", total=len(dataset)) if progress else None
+    start, trunk, stats = time.perf_counter(), None, None
+    for i in range(len(dataset)):
+        rng = np.random.default_rng([seed, 17, i])
+        out, pooled = model.trunk(torch.from_numpy(training_views(dataset.arrays(i), spec, jitter, rng)), stage)
+        if trunk is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trunk = np.lib.format.open_memmap(path.with_name(path.stem + ".tmp.npy"), mode="w+", dtype=np.float16,
+                                              shape=(len(dataset), views, *out.shape[1:]))
+            stats = np.zeros((len(dataset), views, pooled.shape[1]), np.float32)
+        trunk[i], stats[i] = out.numpy(), pooled.numpy()
+        if progress:
+            progress.update(task_id, advance=1)
+    if progress:
+        progress.remove_task(task_id)
+    speed = len(dataset) / (time.perf_counter() - start)
+    trunk.flush()
+    del trunk
+    np.save(path.with_name(path.stem + "_stats.npy"), stats)
+    os.replace(path.with_name(path.stem + ".tmp.npy"), path)
+    meta.write_text(json.dumps({"key": key, "images_per_s": speed}))
+    return np.load(path, mmap_mode="r"), stats, speed
+
+
+def _batches(trunk, stats, rows: np.ndarray, views: np.ndarray | int, size: int = 256):
+    for start in range(0, len(rows), size):
+        idx = rows[start:start + size]
+        v = views if isinstance(views, int) else views[start:start + size]
+        yield torch.from_numpy(np.asarray(trunk[idx, v], np.float32)), torch.from_numpy(stats[idx, v])
+
+
+@torch.no_grad()
+def _features(top: TunedTop, trunk, stats, rows: np.ndarray, view: int) -> torch.Tensor:
+    return torch.cat([top.features(x, p) for x, p in _batches(trunk, stats, rows, view)])
+
+
+@torch.no_grad()
+def cached_flip_probs(top: TunedTop, trunk, stats, rows: np.ndarray) -> np.ndarray:
+    """Probabilities averaged in logit space over the flip views (a quick per-epoch check, not the OOF)."""
+    logits = sum(torch.cat([top(x, p) for x, p in _batches(trunk, stats, rows, v)]) for v in FLIP_VIEWS)
+    return torch.softmax(logits / len(FLIP_VIEWS), 1).numpy()
+
+
+def linear_probe(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, seed: int) -> None:
+    """Standardise the features on the fold's training images and start the classifier from a class-weighted
+    logistic regression on them (the LP of LP-FT)."""
+    from sklearn.linear_model import LogisticRegression
+
+    feats = _features(top, trunk, stats, rows, 0)
+    top.mu.copy_(feats.mean(0))
+    top.sd.copy_(feats.std(0) + 1e-3)
+    x = ((feats - top.mu) / top.sd).numpy()
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    present = np.flatnonzero(counts)
+    probe = LogisticRegression(C=PROBE_C, max_iter=2000, random_state=seed,
+                               class_weight={int(c): len(labels) / (len(present) * counts[c]) for c in present})
+    probe.fit(x, labels)
+    weight = torch.zeros(len(CLASSES), x.shape[1])
+    bias = torch.full((len(CLASSES),), -30.0)  # a class absent from the fold's training images: never predicted
+    coef, intercept = probe.coef_, probe.intercept_
+    if len(probe.classes_) == 2:  # sklearn's binary form: one logit d, as two softmax logits (-d/2, d/2)
+        coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
+    weight[probe.classes_] = torch.from_numpy(coef).float()
+    bias[probe.classes_] = torch.from_numpy(intercept).float()
+    top.model.classifier.weight.data.copy_(weight)
+    top.model.classifier.bias.data.copy_(bias)
+
+
+def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, loss_fn, cfg, fold: int,
+            checkpoint: Path, log_csv: Path, resume: bool, check_rows: np.ndarray, progress=None) -> None:
+    """The fold's epochs over cached views: AdamW, head at ``cfg.lr``, the rest at ``lr * backbone_lr_mult``,
+    the per-step schedule of ``cfg.schedule``; a checkpoint after every epoch."""
+    head = [top.model.classifier.weight, top.model.classifier.bias]
+    body = [p for p in top.parameters() if p.requires_grad and all(p is not h for h in head)]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult},
+                                   {"params": head, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = max(1, len(rows) // cfg.batch_size)
+    first = 0
+    if resume and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        top.load_state_dict(saved["top"])
+        optimizer.load_state_dict(saved["optimizer"])
+        first = int(saved["epoch"])
+        log.info("classification fold %d: resumed after epoch %d", fold, first)
+    views = trunk.shape[1]
+    for epoch in range(first, cfg.epochs):
+        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, fold, epoch, 5))
+        order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        chosen = torch.randint(0, views, (len(rows),), generator=generator).numpy()
+        task_id = progress.add_task(f"classification fold {fold} epoch {epoch + 1}/{cfg.epochs}",
+                                    total=steps_per_epoch) if progress else None
+        start, running = time.perf_counter(), 0.0
+        for step in range(steps_per_epoch):
+            factor = lr_factor(cfg.schedule, epoch * steps_per_epoch + step, steps_per_epoch * cfg.epochs,
+                               cfg.warmup_steps, cfg.sgdr_cycle_epochs * steps_per_epoch)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
+            batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            idx, v = order[batch], chosen[batch]
+            x = torch.from_numpy(np.asarray(trunk[idx, v], np.float32))
+            loss = loss_fn(top(x, torch.from_numpy(stats[idx, v])), torch.from_numpy(labels[idx]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            if progress:
+                progress.update(task_id, advance=1)
+        seconds = time.perf_counter() - start
+        if progress:
+            progress.remove_task(task_id)
+        check = classification_metrics(cached_flip_probs(top, trunk, stats, check_rows), labels[check_rows])
+        row = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
+               "val_balanced_accuracy": check["balanced_accuracy"], "val_macro_auc": check["macro_auc"],
+               "lr": base_lrs[-1] * factor, "seconds": seconds,
+               "train_images_per_s": steps_per_epoch * cfg.batch_size / seconds}
+        _append_csv(log_csv, row)
+        log.info("classification fold %d epoch %d: train loss %.4f, held-out BA %.4f AUC %.4f (logged, not used "
+                 "to choose), %.0f img/s", fold, epoch + 1, row["train_loss"], row["val_balanced_accuracy"],
+                 row["val_macro_auc"], row["train_images_per_s"])
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"top": top.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1},
+                   checkpoint.with_name(checkpoint.name + ".tmp"))
+        os.replace(checkpoint.with_name(checkpoint.name + ".tmp"), checkpoint)
+
+
+def check_options(opts) -> None:
+    if opts.task != "classification":
+        raise UsageError("--tune-stages trains the classifier: use it with --task cls")
+    if opts.frozen_backbone or opts.warm_start is not None or opts.pretrained == "none":
+        raise UsageError("--tune-stages starts from the ImageNet backbone: it cannot be combined with "
+                         "--frozen-backbone, --warm-start or --pretrained none")
+    if opts.lora_rank < 1 or opts.jitter_views < 0:
+        raise UsageError("--lora-rank must be at least 1 and --jitter-views at least 0")
+
+
+def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict, provenance: dict,
+                cache: Path, progress=None) -> None:
+    """Every fold not in ``done``: fine-tune its upper stages on the cached trunk, save it and its OOF rows."""
+    check_options(opts)
+    base = new_model(opts, spec, 0)
+    stage = opts.tune_stages
+    if not 1 <= stage < len(base.backbone.blocks):
+        raise UsageError(f"--tune-stages {stage}: {spec.encoder} has stages 0..{len(base.backbone.blocks) - 1}; "
+                         "freeze at least one and tune at least one")
+    dataset = TrainingSet(opts.items, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
+    trunk, stats, speed = cache_trunk(base, spec, dataset, stage, opts.jitter_views, opts.fit.seed,
+                                      opts.out / "checkpoints" / "cls_trunk.npy", progress)
+    labels = np.array([i.label for i in opts.items])
+    folds = np.array([fold_of[i.image_id] for i in opts.items])
+    fold_keys = set(TunedTop(new_model(opts, spec, 0), stage, opts.lora_rank, 0).fold_state())
+    name, digest = save_weights(opts.out, opts.task, None, shared_state(base, fold_keys))
+    weights[name] = digest
+    earlier = (existing_manifest(opts.out) or {}).get("provenance", {}).get("classification", {})
+    provenance["tuned_stages"] = earlier.get("tuned_stages") if done and earlier.get("tuned_stages") else {
+        "from_stage": stage, "lora_rank": opts.lora_rank, "jitter_views": opts.jitter_views,
+        "dihedral_views": D4_VIEWS, "probe_c": PROBE_C, "trunk_images_per_s": round(speed, 1)}
+    for fold in range(opts.folds):
+        if fold in done:
+            log.info("classification fold %d: already in the bundle, skipped", fold)
+            continue
+        rows, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        log.info("classification fold %d: %d training, %d held-out images; stages %d.. tuned (rank %d)", fold,
+                 len(rows), len(held), stage, opts.lora_rank)
+        seed = derived_seed(opts.fit.seed, fold, 0, 6) % 2**31
+        top = TunedTop(new_model(opts, spec, fold), stage, opts.lora_rank, seed)
+        checkpoint = opts.out / "checkpoints" / f"cls_fold{fold}_tuned.pt"
+        log_csv = opts.out / "logs" / f"cls_fold{fold}.csv"
+        if not (opts.resume and checkpoint.exists()):
+            log_csv.unlink(missing_ok=True)
+            linear_probe(top, trunk, stats, rows, labels[rows], opts.fit.seed)
+        fit_top(top, trunk, stats, rows, labels, make_loss(opts, [opts.items[i] for i in rows]), opts.fit, fold,
+                checkpoint, log_csv, opts.resume, held, progress)
+        state = top.fold_state()
+        model = new_model(opts, spec, fold)
+        model.load_state_dict(merge_low_rank(shared_state(base, fold_keys) | state))
+        held_set = TrainingSet([opts.items[i] for i in held], opts.task, spec, opts.crop, cache, False,
+                               opts.fit.seed, opts.preprocessing)
+        oof = classification_oof(model, spec, held_set, opts.fit.device)
+        write_rows(opts.out / "oof" / f"cls_fold{fold}.csv", oof, fold)
+        name, digest = save_weights(opts.out, opts.task, fold, state)
+        weights[name] = digest
+        done.append(fold)
+        update_manifest(opts, spec, done, weights, provenance)
+        checkpoint.unlink(missing_ok=True)
+        probs = np.array([[r[c] for c in CLASSES] for r in oof])
+        score = classification_metrics(probs, np.array([CLASSES.index(r["label"]) for r in oof]))
+        log.info("classification fold %d: out-of-fold balanced accuracy %.4f, macro AUC %.4f; saved %s", fold,
+                 score["balanced_accuracy"], score["macro_auc"], name)
+        if not math.isfinite(score["macro_auc"]):
+            log.warning("classification fold %d: macro AUC undefined (a class missing from its held-out images)",
+                        fold)
