@@ -40,3 +40,22 @@ def heat_in_mask(heat: np.ndarray, mask: np.ndarray) -> float:
     mask = cv2.resize(mask.astype(np.uint8), (heat.shape[1], heat.shape[0]), interpolation=cv2.INTER_NEAREST)
     total = float(heat.sum())
     return float((heat * (mask > 0)).sum() / total) if total > 0 else 0.0
+
+
+COLOUR_BAR = 14  # pixels: the colour bar's width, right of the blended crop
+
+
+def heatmap_figure(rgb: np.ndarray, heat: np.ndarray, caption: str) -> np.ndarray:
+    """The ``--explain`` image: the blended heatmap (``blend_heatmap``), a JET colour bar on its right (heat 1 at
+    the top, 0 at the bottom) and ``caption`` (the explained class and its probability) in its top-left corner.
+    Its height is the blended image's, its width that plus ``COLOUR_BAR``; BGR uint8."""
+    blended = blend_heatmap(rgb, heat)
+    height = blended.shape[0]
+    ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None].repeat(COLOUR_BAR, axis=1)
+    bar = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
+    figure = np.concatenate([blended, bar], axis=1)
+    scale = max(0.4, height / 512)
+    (w, h), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    cv2.rectangle(figure, (0, 0), (w + 8, h + base + 8), (0, 0, 0), thickness=-1)
+    cv2.putText(figure, caption, (4, h + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return figure

@@ -15,7 +15,7 @@ import cv2
 
 from dermbatch.annotate import draw_annotation
 from dermbatch.errors import OutputError
-from dermbatch.heatmap import blend_heatmap, enlarge
+from dermbatch.heatmap import enlarge, heatmap_figure
 from dermbatch.outputs import CsvAppender, detail_row, output_path, result_row, write_bytes_atomic
 from dermbatch.report import thumb_path, thumbnails
 from dermbatch.result import Result
@@ -111,7 +111,7 @@ class OutputWriter:
         explain = self.folders["explain"]
         if explain is not None and result.heatmap is not None:
             _write_image(output_path(explain, result.image_id, "_gradcam.jpg"),
-                         blend_heatmap(result.crop, result.heatmap))
+                         heatmap_figure(result.crop, result.heatmap, f"{result.label} {result.confidence:.1%}"))
         if explain is not None and result.guided is not None:
             _write_image(output_path(explain, result.image_id, "_guided_gradcam.jpg"),
                          enlarge(cv2.cvtColor(result.guided, cv2.COLOR_RGB2BGR)))

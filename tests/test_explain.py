@@ -98,6 +98,19 @@ def test_heat_in_mask_and_blend():
     assert blended.shape == (256, 410, 3) and blended.dtype == np.uint8
 
 
+def test_heatmap_figure_has_the_colour_bar_and_the_caption():
+    from dermbatch.heatmap import COLOUR_BAR, heatmap_figure
+
+    heat = np.zeros((10, 16), np.float32)
+    figure = heatmap_figure(np.full((50, 80, 3), 128, np.uint8), heat, "MEL 87.0%")
+    assert figure.shape == (256, 410 + COLOUR_BAR, 3)
+    bar = figure[:, -COLOUR_BAR:]
+    assert bar[0, 0, 2] > 100 and bar[0, 0, 0] < 50  # top: JET's red (BGR), heat 1
+    assert bar[-1, 0, 0] > 100 and bar[-1, 0, 2] < 50  # bottom: JET's blue, heat 0
+    plain = blend_heatmap(np.full((50, 80, 3), 128, np.uint8), heat)
+    assert (figure[:20, :60] != plain[:20, :60]).any() and (figure[200:, :-COLOUR_BAR] == plain[200:]).all()
+
+
 def test_run_explain_writes_heatmaps_with_an_engine_backend(tiny_bundle, image_folder, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     bundle = tmp_path / "bundle"

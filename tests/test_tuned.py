@@ -15,7 +15,7 @@ from dermbatch.cli.main import main
 from dermbatch.errors import BundleError
 from dermbatch.models import MultiStageClassifier, merge_low_rank
 from tests.conftest import HAM, real_images
-from trainer.tuned import D4_VIEWS, FLIP_VIEWS, LowRankConv, d4_view
+from trainer.tuned import D4_VIEWS, FLIP_VIEWS, PRIOR_GRID, LowRankConv, d4_view
 
 
 def test_merged_low_rank_update_equals_the_unmerged_module():
@@ -83,7 +83,7 @@ def test_tuned_stages_train_beats_chance_and_its_oof_rows_are_the_bundles_output
     args = ["train", "--task", "cls", "--images", HAM / "images", "--labels", labels, "--masks", HAM / "masks",
             "--out", out, "--cache", cache, "--folds", "2", "--input-size", "64", "--tune-stages", "4",
             "--epochs", "2", "--batch-size", "16", "--jitter-views", "1", "--lr", "1e-4", "--backbone-lr-mult", "10",
-            "--class-weights", "balanced", "--workers", "0", "-q"]
+            "--class-weights", "balanced", "--prior-correction", "--workers", "0", "-q"]
     assert main(list(map(str, args))) == 0
     metrics = json.loads((out / "metrics.json").read_text())["classification"]
     assert metrics["images"] == 100 and metrics["macro_auc"] > 0.7  # chance: 0.5 (two classes present)
@@ -108,7 +108,9 @@ def test_tuned_stages_train_beats_chance_and_its_oof_rows_are_the_bundles_output
         probs = softmax(classify_with_tta(lambda b: model(torch.from_numpy(b)).numpy()[None], x, spec.tta))
     expected = np.array([[float(held[i.image_id][c]) for c in CLASSES] for i in items])
     np.testing.assert_allclose(probs, expected, atol=2e-5)
-    assert "tuned_stages" in json.loads((out / "bundle.json").read_text())["provenance"]["classification"]
+    tuned = json.loads((out / "bundle.json").read_text())["provenance"]["classification"]["tuned_stages"]
+    assert set(tuned["prior_tau"]) == {"0", "1"} and all(t in PRIOR_GRID for t in tuned["prior_tau"].values())
+    assert "logit adjustment" in (out / "README.md").read_text()
 
     # --resume: fold 1 again from its cached trunk, never recomputed
     monkeypatch.setattr(trainer.tuned, "training_views", lambda *a, **k: pytest.fail("trunk recomputed"))

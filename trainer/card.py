@@ -46,6 +46,23 @@ def write_model_card(bundle_dir: Path) -> Path:
                          "class-weighted logistic regression on its pooled features, L2 inverse strength C "
                          f"chosen by {frozen.get('inner_folds')}-fold grouped inner cross-validation "
                          f"from {frozen.get('c_grid')} ({chosen})")
+        tuned = prov.get("tuned_stages")
+        if tuned:
+            lines.append(f"- training: stem and stages 0..{tuned['from_stage'] - 1} frozen at their "
+                         f"{prov.get('pretrained', '–')} weights (output cached for {tuned['dihedral_views']} "
+                         f"dihedral and {tuned['jitter_views']} jittered views per image); stages "
+                         f"{tuned['from_stage']}.. fine-tuned per fold: "
+                         + (f"rank-{tuned['lora_rank']} updates of their 1x1 convolutions and of the head "
+                            "convolution, " if tuned["lora_rank"] else "")
+                         + ("their depthwise kernels, " if tuned.get("depthwise") else "")
+                         + "their batch-norm scales (statistics kept) and a classifier started from a linear "
+                         f"probe (C={tuned['probe_c']:g}); the last epoch is kept (none chosen on held-out images)"
+                         + (f"; {tuned['extra_training_images']} extra labelled images on the training side of "
+                            "every fold only" if tuned.get("extra_training_images") else "")
+                         + ("; logit adjustment -tau x log(class frequency), tau per fold by an inner split of its "
+                            "training images: " + ", ".join(f"fold {k}: {t:g}" for k, t in
+                                                             sorted(tuned["prior_tau"].items()))
+                            if tuned.get("prior_tau") else ""))
         lines.append("")
         m = metrics.get(task)
         if not m:

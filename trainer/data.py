@@ -69,11 +69,21 @@ def read_labels(labels_csv: Path, groups_csv: Path | None = None) -> dict[str, t
         groups = {r["image"]: r["lesion_id"] for r in csv.DictReader(open(groups_csv, encoding="utf-8-sig"))}
     out = {}
     for line, row in enumerate(rows, start=2):
+        if "isic2017_label" in row and not row["isic2017_label"]:
+            continue  # ISIC 2018 Task 1 labels.csv: no ISIC 2017 diagnosis for this image
         out[row[id_column]] = (_label_index(row, labels_csv, line), row.get("lesion_id") or groups.get(row[id_column]))
     return out
 
 
+ISIC2017_CLASSES = {"melanoma": "MEL", "seborrheic_keratosis": "BKL", "nevus": "NV"}
+
+
 def _label_index(row: dict, path: Path, line: int) -> int:
+    if row.get("isic2017_label"):  # ISIC 2017 diagnoses, in ISIC 2018 Task 3 classes
+        if row["isic2017_label"] not in ISIC2017_CLASSES:
+            raise UsageError(f"{path}:{line}: isic2017_label {row['isic2017_label']!r} is not one of "
+                             f"{', '.join(ISIC2017_CLASSES)}")
+        return CLASSES.index(ISIC2017_CLASSES[row["isic2017_label"]])
     if row.get("label"):
         if row["label"] not in CLASSES:
             raise UsageError(f"{path}:{line}: label {row['label']!r} is not one of {', '.join(CLASSES)}")

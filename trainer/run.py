@@ -35,7 +35,10 @@ def subset(items: list[Item], limit: int | None, seed: int) -> list[Item]:
 
 
 def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: Path | None, labels: Path | None,
-               limit: int | None, cache: Path | None, resume: bool, fit: dict, **model_options) -> list[TaskOptions]:
+               limit: int | None, cache: Path | None, resume: bool, fit: dict, extra: tuple | None = None,
+               **model_options) -> list[TaskOptions]:
+    """``extra``: (images, labels CSV, masks or None, classes to keep or None): labelled images added to the
+    training side of every fold (never held out, never in the out-of-fold metrics); ``--tune-stages`` only."""
     if fit["schedule"] not in SCHEDULES:
         raise UsageError(f"--schedule {fit['schedule']!r}: choose {', '.join(SCHEDULES)}")
     if model_options["class_weights"] not in CLASS_WEIGHTS:
@@ -74,7 +77,31 @@ def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: 
     plans = []
     for name, items, description in jobs:
         chosen = subset(items, limit, fit["seed"])
+        extra_items = _extra_items(extra, chosen, model_options) if extra else []
+        if extra_items:
+            description += f"; training folds also: {extra[0]} + {extra[1]} ({len(extra_items)} images)"
         plans.append(TaskOptions(task=name, items=chosen, out=Path(out), cache_dir=cache, resume=resume,
                                  data_description=description + (f" (subset of {len(chosen)})" if limit else ""),
-                                 fit=FitConfig(**fit), **model_options))
+                                 fit=FitConfig(**fit), extra_items=extra_items, **model_options))
     return plans
+
+
+def _extra_items(extra: tuple, items: list[Item], model_options: dict) -> list[Item]:
+    from dermbatch.bundle import CLASSES
+
+    images, labels, masks, classes = extra
+    if model_options.get("tune_stages") is None:
+        raise UsageError("--extra-images/--extra-labels go with --tune-stages")
+    if images is None or labels is None:
+        raise UsageError("extra training images need both --extra-images DIR and --extra-labels CSV")
+    keep = None
+    if classes:
+        keep = {c.strip().upper() for c in classes.split(",") if c.strip()}
+        if not keep <= set(CLASSES):
+            raise UsageError(f"--extra-classes {classes!r}: choose among {', '.join(CLASSES)}")
+    found = [i for i in cls_items(images, labels, masks) if keep is None or CLASSES[i.label] in keep]
+    ids = {i.image_id for i in items}
+    clash = [i.image_id for i in found if i.image_id in ids]
+    if clash:
+        raise UsageError(f"--extra-images {images}: {len(clash)} images (e.g. {clash[0]}) are also in --images")
+    return [Item(i.image_id, i.image, i.mask, i.label, f"extra:{i.group or i.image_id}") for i in found]

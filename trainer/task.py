@@ -48,7 +48,10 @@ class TaskOptions:
     frozen_backbone: bool = False
     tune_stages: int | None = None  # fine-tune stages from this one on over a cached frozen trunk (trainer/tuned.py)
     lora_rank: int = 4
+    tune_depthwise: bool = False
+    prior_correction: bool = False  # --tune-stages: logit adjustment, tau chosen on an inner split
     jitter_views: int = 8
+    extra_items: list[Item] = field(default_factory=list)  # training side of every fold only (--tune-stages)
     tta: str = "flip"
     crop: CropSpec = field(default_factory=CropSpec)
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,20 +88,25 @@ class TunedTop(nn.Module):
     the cached trunk outputs; its classifier reads standardised features (``mu``, ``sd``), folded away when the
     fold is saved."""
 
-    def __init__(self, model, stage: int, rank: int, seed: int):
+    def __init__(self, model, stage: int, rank: int, seed: int, depthwise: bool = False):
         super().__init__()
         self.model, self.stage = model, stage
         b = model.backbone
-        convs = [(block, name) for stage_blocks in b.blocks[stage:] for block in stage_blocks
-                 for name in ("conv_pw", "conv_pwl") if getattr(block, name, None) is not None
-                 and getattr(block, name).kernel_size == (1, 1)] + [(b, "conv_head")]
-        for i, (owner, name) in enumerate(convs):
-            setattr(owner, name, LowRankConv(getattr(owner, name), rank, seed + i))
+        if rank > 0:
+            convs = [(block, name) for stage_blocks in b.blocks[stage:] for block in stage_blocks
+                     for name in ("conv_pw", "conv_pwl") if getattr(block, name, None) is not None
+                     and getattr(block, name).kernel_size == (1, 1)] + [(b, "conv_head")]
+            for i, (owner, name) in enumerate(convs):
+                setattr(owner, name, LowRankConv(getattr(owner, name), rank, seed + i))
         for p in model.parameters():
             p.requires_grad = False
         self.tuned = [m for m in [*b.blocks[stage:].modules(), b.bn2] if isinstance(m, nn.BatchNorm2d)]
         for module in self.tuned:
             module.weight.requires_grad = module.bias.requires_grad = True
+        self.depthwise = [m for block in b.blocks[stage:] for m in block.modules()
+                          if isinstance(m, nn.Conv2d) and m.groups > 1] if depthwise else []
+        for module in self.depthwise:  # depthwise kernels are small: tuned whole
+            module.weight.requires_grad = True
         for module in model.modules():
             if isinstance(module, LowRankConv):
                 module.lora_a.requires_grad = module.lora_b.requires_grad = True
@@ -127,6 +133,8 @@ class TunedTop(nn.Module):
         for name, module in self.model.named_modules():
             if isinstance(module, nn.BatchNorm2d) and any(module is t for t in self.tuned):
                 state[f"{name}.weight"], state[f"{name}.bias"] = module.weight, module.bias
+            if any(module is d for d in self.depthwise):
+                state[f"{name}.weight"] = module.weight
         weight = self.model.classifier.weight / self.sd
         state["classifier.weight"] = weight
         state["classifier.bias"] = self.model.classifier.bias - weight @ self.mu
@@ -278,14 +286,65 @@ def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, l
         os.replace(checkpoint.with_name(checkpoint.name + ".tmp"), checkpoint)
 
 
+PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # tau of the prior correction, chosen by the inner split
+
+
+def prior_correction(opts, spec: ModelSpec, trunk, stats, rows: np.ndarray, labels: np.ndarray, groups: list[str],
+                     fold: int, stage: int, progress=None) -> float:
+    """tau for the logit adjustment ``logit_c - tau * log(prior_c)`` (the fold's training class frequencies),
+    chosen on an inner split of the fold's own training images (grouped by lesion, a third held out; extra
+    images stay on the training side) by the balanced accuracy of a model trained there for half the epochs.
+    The held-out fold is never looked at."""
+    from dataclasses import replace
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    memo = opts.out / "checkpoints" / f"cls_fold{fold}_tau.json"
+    if opts.resume and memo.exists():
+        return float(json.loads(memo.read_text())["tau"])
+    own = np.array([not groups[i].startswith("extra:") for i in rows])
+    splitter = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=opts.fit.seed)
+    with warnings.catch_warnings():  # a class with fewer than 3 lesions: sklearn says so, the split still holds
+        warnings.simplefilter("ignore", UserWarning)
+        inner_train, inner_val = next(splitter.split(rows[own], labels[rows[own]], [groups[i] for i in rows[own]]))
+    inner_train = np.concatenate([rows[own][inner_train], rows[~own]])
+    inner_val = rows[own][inner_val]
+    top = TunedTop(new_model(opts, spec, fold), stage, opts.lora_rank, derived_seed(opts.fit.seed, fold, 1, 6) % 2**31,
+                   opts.tune_depthwise)
+    linear_probe(top, trunk, stats, inner_train, labels[inner_train], opts.fit.seed)
+    (opts.out / "logs" / f"cls_fold{fold}_inner.csv").unlink(missing_ok=True)
+    cfg = replace(opts.fit, epochs=max(1, opts.fit.epochs // 2))
+    fit_top(top, trunk, stats, inner_train, labels, make_loss(opts, _items(opts, inner_train)),
+            cfg, fold, opts.out / "checkpoints" / f"cls_fold{fold}_inner.pt",
+            opts.out / "logs" / f"cls_fold{fold}_inner.csv", False, inner_val, progress)
+    probs = cached_flip_probs(top, trunk, stats, inner_val)
+    prior = np.maximum(np.bincount(labels[inner_train], minlength=len(CLASSES)) / len(inner_train), 1e-6)
+    scores = {}
+    for tau in PRIOR_GRID:
+        adjusted = np.log(probs + 1e-12) - tau * np.log(prior)
+        scores[tau] = classification_metrics(np.exp(adjusted - adjusted.max(1, keepdims=True)), labels[inner_val])[
+            "balanced_accuracy"]
+    tau = max(scores, key=scores.get)
+    log.info("classification fold %d: inner balanced accuracy by prior correction tau %s -> tau=%g", fold,
+             {f"{t:g}": round(v, 4) for t, v in scores.items()}, tau)
+    (opts.out / "checkpoints" / f"cls_fold{fold}_inner.pt").unlink(missing_ok=True)
+    memo.write_text(json.dumps({"tau": tau, "inner_balanced_accuracy": scores}))
+    return tau
+
+
+def _items(opts, rows: np.ndarray) -> list:
+    everything = [*opts.items, *opts.extra_items]
+    return [everything[i] for i in rows]
+
+
 def check_options(opts) -> None:
     if opts.task != "classification":
         raise UsageError("--tune-stages trains the classifier: use it with --task cls")
     if opts.frozen_backbone or opts.warm_start is not None or opts.pretrained == "none":
         raise UsageError("--tune-stages starts from the ImageNet backbone: it cannot be combined with "
                          "--frozen-backbone, --warm-start or --pretrained none")
-    if opts.lora_rank < 1 or opts.jitter_views < 0:
-        raise UsageError("--lora-rank must be at least 1 and --jitter-views at least 0")
+    if opts.lora_rank < 0 or opts.jitter_views < 0:
+        raise UsageError("--lora-rank and --jitter-views must be 0 or more")
 
 
 def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict, provenance: dict,
@@ -297,35 +356,43 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
     if not 1 <= stage < len(base.backbone.blocks):
         raise UsageError(f"--tune-stages {stage}: {spec.encoder} has stages 0..{len(base.backbone.blocks) - 1}; "
                          "freeze at least one and tune at least one")
-    dataset = TrainingSet(opts.items, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
+    everything = [*opts.items, *opts.extra_items]  # the extra images: training side of every fold only
+    dataset = TrainingSet(everything, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
     trunk, stats, speed = cache_trunk(base, spec, dataset, stage, opts.jitter_views, opts.fit.seed,
                                       opts.out / "checkpoints" / "cls_trunk.npy", progress)
-    labels = np.array([i.label for i in opts.items])
-    folds = np.array([fold_of[i.image_id] for i in opts.items])
-    fold_keys = set(TunedTop(new_model(opts, spec, 0), stage, opts.lora_rank, 0).fold_state())
+    labels = np.array([i.label for i in everything])
+    groups = [i.group or i.image_id for i in everything]
+    folds = np.array([fold_of[i.image_id] for i in opts.items] + [-1] * len(opts.extra_items))
+    fold_keys = set(TunedTop(new_model(opts, spec, 0), stage, opts.lora_rank, 0, opts.tune_depthwise).fold_state())
     name, digest = save_weights(opts.out, opts.task, None, shared_state(base, fold_keys))
     weights[name] = digest
     earlier = (existing_manifest(opts.out) or {}).get("provenance", {}).get("classification", {})
     provenance["tuned_stages"] = earlier.get("tuned_stages") if done and earlier.get("tuned_stages") else {
-        "from_stage": stage, "lora_rank": opts.lora_rank, "jitter_views": opts.jitter_views,
+        "from_stage": stage, "lora_rank": opts.lora_rank, "depthwise": opts.tune_depthwise,
+        "jitter_views": opts.jitter_views, "extra_training_images": len(opts.extra_items),
         "dihedral_views": D4_VIEWS, "probe_c": PROBE_C, "trunk_images_per_s": round(speed, 1)}
     for fold in range(opts.folds):
         if fold in done:
             log.info("classification fold %d: already in the bundle, skipped", fold)
             continue
         rows, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-        log.info("classification fold %d: %d training, %d held-out images; stages %d.. tuned (rank %d)", fold,
-                 len(rows), len(held), stage, opts.lora_rank)
+        log.info("classification fold %d: %d training, %d held-out images; stages %d.. tuned (rank %d%s)", fold,
+                 len(rows), len(held), stage, opts.lora_rank, ", depthwise kernels" if opts.tune_depthwise else "")
         seed = derived_seed(opts.fit.seed, fold, 0, 6) % 2**31
-        top = TunedTop(new_model(opts, spec, fold), stage, opts.lora_rank, seed)
+        top = TunedTop(new_model(opts, spec, fold), stage, opts.lora_rank, seed, opts.tune_depthwise)
         checkpoint = opts.out / "checkpoints" / f"cls_fold{fold}_tuned.pt"
         log_csv = opts.out / "logs" / f"cls_fold{fold}.csv"
+        tau = prior_correction(opts, spec, trunk, stats, rows, labels, groups, fold, stage, progress) \
+            if opts.prior_correction else 0.0
         if not (opts.resume and checkpoint.exists()):
             log_csv.unlink(missing_ok=True)
             linear_probe(top, trunk, stats, rows, labels[rows], opts.fit.seed)
-        fit_top(top, trunk, stats, rows, labels, make_loss(opts, [opts.items[i] for i in rows]), opts.fit, fold,
+        fit_top(top, trunk, stats, rows, labels, make_loss(opts, [everything[i] for i in rows]), opts.fit, fold,
                 checkpoint, log_csv, opts.resume, held, progress)
         state = top.fold_state()
+        prior = np.maximum(np.bincount(labels[rows], minlength=len(CLASSES)) / len(rows), 1e-6)
+        state["classifier.bias"] -= tau * torch.from_numpy(np.log(prior)).float()  # the logit adjustment
+        provenance["tuned_stages"].setdefault("prior_tau", {})[str(fold)] = tau
         model = new_model(opts, spec, fold)
         model.load_state_dict(merge_low_rank(shared_state(base, fold_keys) | state))
         held_set = TrainingSet([opts.items[i] for i in held], opts.task, spec, opts.crop, cache, False,

@@ -42,11 +42,26 @@ def train_command(
              "image and view (8 dihedral views + --jitter-views), and fine-tune stages K.. with rank "
              "--lora-rank updates, their batch-norm scales and a linear-probe-initialised classifier (LP-FT). "
              "Tens of images/s on a CPU; each fold stores a few hundred kB."),
-    lora_rank: int = typer.Option(4, "--lora-rank", metavar="R", min=1,
-        help="With --tune-stages: rank of the update of every 1x1 convolution of the tuned stages."),
+    lora_rank: int = typer.Option(4, "--lora-rank", metavar="R", min=0,
+        help="With --tune-stages: rank of the update of every 1x1 convolution of the tuned stages (0: none)."),
+    prior_correction: bool = typer.Option(False, "--prior-correction",
+        help="With --tune-stages: subtract tau x log(class frequency) from the logits (folded into the bias), "
+             "tau chosen per fold on an inner split of its training images (a model trained there for half the "
+             "epochs); it trades accuracy on frequent classes for recall on rare ones."),
+    tune_depthwise: bool = typer.Option(False, "--tune-depthwise",
+        help="With --tune-stages: also tune the depthwise kernels of those stages (stored whole per fold)."),
     jitter_views: int = typer.Option(8, "--jitter-views", metavar="N", min=0,
         help="With --tune-stages: cached views per image besides the 8 dihedral ones (scale/shift crop, colour "
              "jitter)."),
+    extra_images: Path | None = typer.Option(None, metavar="DIR",
+        help="With --tune-stages: more labelled images for the training side of every fold (never held out, "
+             "never in the out-of-fold metrics), e.g. ISIC 2018 Task 1 images with their ISIC 2017 diagnoses."),
+    extra_labels: Path | None = typer.Option(None, metavar="CSV",
+        help="Labels of --extra-images: label or one-hot columns, or isic2017_label (melanoma, "
+             "seborrheic_keratosis, nevus; rows without one are skipped)."),
+    extra_masks: Path | None = typer.Option(None, metavar="DIR", help="Masks of --extra-images (lesion crops)."),
+    extra_classes: str | None = typer.Option(None, metavar="CLASSES",
+        help="Keep only these classes of the extra images, e.g. MEL,BKL."),
     lr: float = typer.Option(1e-3, metavar="LR",
         help="Head learning rate (the backbone gets lr x --backbone-lr-mult)."),
     backbone_lr_mult: float = typer.Option(0.1, metavar="X",
@@ -102,9 +117,12 @@ def train_command(
     plans = plan_tasks(TASKS[task], out=out, data=data, images=images, masks=masks, labels=labels, folds=folds,
                        input_size=input_size, encoder=encoder, pretrained=pretrained, warm_start=warm_start,
                        frozen_backbone=frozen_backbone, tune_stages=tune_stages, lora_rank=lora_rank,
+                       tune_depthwise=tune_depthwise, prior_correction=prior_correction,
                        jitter_views=jitter_views, tta=tta, class_weights=class_weights, focal_gamma=focal_gamma,
                        label_smoothing=label_smoothing,
                        limit=limit, cache=cache, resume=resume, fit=fit,
+                       extra=(extra_images, extra_labels, extra_masks, extra_classes)
+                       if extra_images or extra_labels else None,
                        preprocessing=PreprocessSpec(color_constancy=color_constancy, gamma=gamma))
     from trainer.train import train_task
 
