@@ -56,3 +56,14 @@ def test_lr_find_saves_a_curve_and_suggests_a_rate(tmp_path, capsys):
     line = capsys.readouterr().out
     rate = float(line.split("suggested learning rate: ")[1].split()[0])
     assert 1e-6 <= rate <= 1.0
+
+
+def test_lr_find_sweeps_the_tune_stages_recipe(tmp_path, capsys):
+    real_images(HAM, 1)
+    code = main(["lr-find", "--task", "cls", "--images", str(HAM / "images"), "--labels", str(HAM / "labels.csv"),
+                 "--masks", str(HAM / "masks"), "--input-size", "48", "--batch-size", "8", "--steps", "12",
+                 "--limit", "48", "--tune-stages", "5", "--lora-rank", "2", "--jitter-views", "1",
+                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lr.png")])
+    assert code == 0 and (tmp_path / "lr.png").stat().st_size > 0
+    rate = float(capsys.readouterr().out.split("suggested learning rate: ")[1].split()[0])
+    assert 1e-6 <= rate <= 1.0

@@ -16,7 +16,7 @@ def lr_range_test(model, dataset, loss_fn, batch_size: int, device: str = "cpu",
     """Return (learning rates, smoothed losses, suggested rate)."""
     model.to(device).train()
     loss_fn.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=start_lr, weight_decay=1e-4)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     lrs, losses, smoothed, best = [], [], 0.0, math.inf
@@ -31,7 +31,8 @@ def lr_range_test(model, dataset, loss_fn, batch_size: int, device: str = "cpu",
             dataset.epoch += 1
             batches = iter(loader)
             x, y = next(batches)
-        loss = loss_fn(model(x.to(device)), y.to(device))
+        x = x.to(device) if torch.is_tensor(x) else [t.to(device) for t in x]  # --tune-stages: (trunk, pooled)
+        loss = loss_fn(model(x) if torch.is_tensor(x) else model(*x), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -53,9 +54,42 @@ def lr_find(plan, batch_size: int, steps: int = 100):
     spec = model_spec(plan)
     dataset = TrainingSet(plan.items, spec.task, spec, plan.crop, plan.cache_dir or default_cache_dir(), train=True,
                           seed=plan.fit.seed, pre=plan.preprocessing)
-    lrs, losses, suggestion = lr_range_test(new_model(plan, spec, 0), dataset, make_loss(plan, plan.items),
+    model = new_model(plan, spec, 0)
+    if plan.tune_stages is not None:  # the --tune-stages recipe: its trainable part over its cached trunk
+        model, dataset = _tuned(plan, spec, model, dataset)
+    lrs, losses, suggestion = lr_range_test(model, dataset, make_loss(plan, plan.items),
                                             batch_size, plan.fit.device, steps=steps, seed=plan.fit.seed)
     return lrs, losses, suggestion, spec
+
+
+class _CachedViews(torch.utils.data.Dataset):
+    """(trunk output, pooled statistics) of a random cached view of each image, and its label."""
+
+    def __init__(self, trunk, stats, labels: list[int], seed: int):
+        self.trunk, self.stats, self.labels = trunk, stats, labels
+        self.rng, self.epoch = np.random.default_rng(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        v = int(self.rng.integers(self.trunk.shape[1]))
+        return (torch.from_numpy(np.asarray(self.trunk[i, v], np.float32)), torch.from_numpy(self.stats[i, v])), \
+            torch.tensor(self.labels[i])
+
+
+def _tuned(plan, spec, model, dataset):
+    import tempfile
+
+    from trainer.tuned import TunedTop, cache_trunk, check_options, linear_probe
+
+    check_options(plan)
+    trunk, stats, _ = cache_trunk(model, spec, dataset, plan.tune_stages, plan.jitter_views, plan.fit.seed,
+                                  Path(tempfile.mkdtemp(prefix="dermbatch-lr-find-")) / "trunk.npy")
+    top = TunedTop(model, plan.tune_stages, plan.lora_rank, plan.fit.seed, plan.tune_depthwise)
+    labels = np.array([i.label for i in plan.items])
+    linear_probe(top, trunk, stats, np.arange(len(labels)), labels, plan.fit.seed)
+    return top, _CachedViews(trunk, stats, labels.tolist(), plan.fit.seed)
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:

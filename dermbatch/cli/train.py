@@ -155,6 +155,11 @@ def lr_find_command(
     seed: int = typer.Option(0, metavar="N", help="Seed of the sample and the sweep."),
     device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
     cache: Path | None = typer.Option(None, metavar="DIR", help="Decode cache (default: ~/.cache/dermbatch/train)."),
+    tune_stages: int | None = typer.Option(None, "--tune-stages", metavar="K", min=1,
+        help="Sweep the --tune-stages recipe (its trainable part over its cached trunk, from its linear probe)."),
+    lora_rank: int = typer.Option(4, "--lora-rank", metavar="R", min=0, help="With --tune-stages, as for train."),
+    tune_depthwise: bool = typer.Option(False, "--tune-depthwise", help="With --tune-stages, as for train."),
+    jitter_views: int = typer.Option(8, "--jitter-views", metavar="N", min=0, help="With --tune-stages, as for train."),
 ) -> int:
     """The learning-rate range test: sweep the LR, save the loss curve as a PNG, print a suggested rate.
 
@@ -162,6 +167,8 @@ def lr_find_command(
     Examples:
       dermbatch lr-find --task cls --images ham/images --labels ham/labels.csv --masks ham/masks --input-size 128
       dermbatch lr-find --task seg --images isic/images --masks isic/masks --steps 200 -o seg_lr.png
+      dermbatch lr-find --task cls --images ham/images --labels ham/labels.csv --masks ham/masks --input-size 128 \\
+          --tune-stages 5 --lora-rank 0 --tune-depthwise
     """
     from dermbatch.backends.torch import resolve_device
     from trainer.lr_find import lr_find, plot
@@ -175,7 +182,8 @@ def lr_find_command(
     (plan,) = plan_tasks(TASKS[task], out=out.parent, data=Path("."), images=images, masks=masks, labels=labels,
                          limit=limit, cache=cache, resume=False, fit=fit, folds=2, input_size=input_size,
                          encoder=encoder, pretrained=pretrained, tta="none", class_weights="balanced-sqrt",
-                         focal_gamma=0.0, label_smoothing=0.0)
+                         focal_gamma=0.0, label_smoothing=0.0, tune_stages=tune_stages, lora_rank=lora_rank,
+                         tune_depthwise=tune_depthwise, jitter_views=jitter_views)
     lrs, losses, suggestion, spec = lr_find(plan, batch_size, steps)
     plot(lrs, losses, suggestion, out, f"LR range test: {spec.task}, {spec.encoder}, {len(plan.items)} images")
     typer.echo(f"suggested learning rate: {suggestion:.2e} (loss curve: {out})")
