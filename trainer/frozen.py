@@ -77,6 +77,19 @@ def cached_features(path: Path, key: dict, ids: list[str], compute) -> tuple[np.
     return features, speed
 
 
+def class_logits(clf) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted sklearn ``LogisticRegression`` as (weight (K, D), bias (K,)) over all ``CLASSES``: sklearn's binary
+    form (one logit d) becomes two softmax logits (-d/2, d/2); a class absent from its training labels gets a
+    zero weight and the bias ``ABSENT_LOGIT`` (never predicted)."""
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:
+        coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
+    weight = np.zeros((len(CLASSES), coef.shape[1]))
+    bias = np.full(len(CLASSES), ABSENT_LOGIT)
+    weight[clf.classes_], bias[clf.classes_] = coef, intercept
+    return weight, bias
+
+
 def fit_linear(x: np.ndarray, y: np.ndarray, groups: list[str], weight_mode: str, seed: int,
                grid=C_GRID) -> tuple[np.ndarray, np.ndarray, float]:
     """A class-weighted multinomial logistic regression on standardised ``x``, its C chosen by grouped inner
@@ -91,14 +104,9 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups: list[str], weight_mode: str
         weights = class_weights(y[rows].tolist(), len(CLASSES), weight_mode).tolist()
         clf = LogisticRegression(C=c, class_weight=dict(enumerate(weights)), max_iter=5000)
         clf.fit(scaler.transform(x[rows]), y[rows])
-        coef, intercept = clf.coef_, clf.intercept_
-        if len(clf.classes_) == 2:  # sklearn's binary form: one logit d; as two softmax logits, (-d/2, d/2)
-            coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
-        weight = np.zeros((len(CLASSES), x.shape[1]))
-        bias = np.full(len(CLASSES), ABSENT_LOGIT)
-        weight[clf.classes_] = coef / scaler.scale_
-        bias[clf.classes_] = intercept - weight[clf.classes_] @ scaler.mean_
-        return weight, bias
+        coef, intercept = class_logits(clf)
+        weight = coef / scaler.scale_
+        return weight, intercept - weight @ scaler.mean_
 
     def inner_score(c):
         splitter = StratifiedGroupKFold(n_splits=INNER_FOLDS, shuffle=True, random_state=seed)

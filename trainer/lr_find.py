@@ -81,9 +81,8 @@ class _CachedViews(torch.utils.data.Dataset):
 def _tuned(plan, spec, model, dataset):
     import tempfile
 
-    from trainer.tuned import TunedTop, cache_trunk, check_options, linear_probe
+    from trainer.tuned import TunedTop, cache_trunk, linear_probe
 
-    check_options(plan)
     trunk, stats, _ = cache_trunk(model, spec, dataset, plan.tune_stages, plan.jitter_views, plan.fit.seed,
                                   Path(tempfile.mkdtemp(prefix="dermbatch-lr-find-")) / "trunk.npy")
     top = TunedTop(model, plan.tune_stages, plan.lora_rank, plan.fit.seed, plan.tune_depthwise)

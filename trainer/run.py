@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermbatch.bundle import CLASSES
 from dermbatch.errors import UsageError
 from dermbatch.manifest import TTA_MODES
 from trainer.data import Item, cls_items, official_paths, seg_items
@@ -52,6 +53,8 @@ def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: 
                 or model_options.get("pretrained") == "none":
             raise UsageError("--tune-stages starts from the ImageNet backbone: it goes with none of "
                              "--frozen-backbone, --warm-start, --pretrained none")
+        if model_options.get("lora_rank", 0) < 0 or model_options.get("jitter_views", 0) < 0:
+            raise UsageError("--lora-rank and --jitter-views must be 0 or more")
     if model_options.get("frozen_backbone"):
         if task != "classification":
             raise UsageError("--frozen-backbone trains a classifier: use it with --task cls")
@@ -87,8 +90,6 @@ def plan_tasks(task: str, *, out: Path, data: Path, images: Path | None, masks: 
 
 
 def _extra_items(extra: tuple, items: list[Item], model_options: dict) -> list[Item]:
-    from dermbatch.bundle import CLASSES
-
     images, labels, masks, classes = extra
     if model_options.get("tune_stages") is None:
         raise UsageError("--extra-images/--extra-labels go with --tune-stages")

@@ -22,6 +22,7 @@ Every epoch is checkpointed; ``--resume`` continues a fold where it stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -38,11 +39,12 @@ from torch import nn
 
 from dermbatch.bundle import CLASSES, ModelSpec, save_weights
 from dermbatch.errors import UsageError
-from dermbatch.models import merge_low_rank
+from dermbatch.models import build_model, merge_low_rank
 from dermbatch.preprocess import normalize, resize_rgb
 from trainer.augment import jitter_crop, photometric
 from trainer.dataset import TrainingSet
 from trainer.fit import _append_csv, derived_seed
+from trainer.frozen import class_logits
 from trainer.metrics import classification_metrics
 from trainer.oof import classification_oof, write_rows
 from trainer.optim import lr_factor
@@ -100,16 +102,15 @@ class TunedTop(nn.Module):
                 setattr(owner, name, LowRankConv(getattr(owner, name), rank, seed + i))
         for p in model.parameters():
             p.requires_grad = False
-        self.tuned = [m for m in [*b.blocks[stage:].modules(), b.bn2] if isinstance(m, nn.BatchNorm2d)]
-        for module in self.tuned:
-            module.weight.requires_grad = module.bias.requires_grad = True
-        self.depthwise = [m for block in b.blocks[stage:] for m in block.modules()
-                          if isinstance(m, nn.Conv2d) and m.groups > 1] if depthwise else []
-        for module in self.depthwise:  # depthwise kernels are small: tuned whole
-            module.weight.requires_grad = True
-        for module in model.modules():
-            if isinstance(module, LowRankConv):
+        for module in [*b.blocks[stage:].modules(), b.bn2]:
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.requires_grad = module.bias.requires_grad = True
+            elif isinstance(module, LowRankConv):
                 module.lora_a.requires_grad = module.lora_b.requires_grad = True
+            elif depthwise and isinstance(module, nn.Conv2d) and module.groups > 1:
+                module.weight.requires_grad = True  # depthwise kernels are small: tuned whole
+        if isinstance(b.conv_head, LowRankConv):
+            b.conv_head.lora_a.requires_grad = b.conv_head.lora_b.requires_grad = True
         model.classifier.weight.requires_grad = model.classifier.bias.requires_grad = True
         self.register_buffer("mu", torch.zeros(model.num_features))
         self.register_buffer("sd", torch.ones(model.num_features))
@@ -126,15 +127,8 @@ class TunedTop(nn.Module):
 
     def fold_state(self) -> dict[str, torch.Tensor]:
         """What this fold stores: low-rank updates, tuned batch-norm affines, the de-standardised classifier."""
-        state = {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, LowRankConv):
-                state[f"{name}.lora_a"], state[f"{name}.lora_b"] = module.lora_a, module.lora_b
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.BatchNorm2d) and any(module is t for t in self.tuned):
-                state[f"{name}.weight"], state[f"{name}.bias"] = module.weight, module.bias
-            if any(module is d for d in self.depthwise):
-                state[f"{name}.weight"] = module.weight
+        state = {name: p for name, p in self.model.named_parameters()
+                 if p.requires_grad and not name.startswith("classifier.")}
         weight = self.model.classifier.weight / self.sd
         state["classifier.weight"] = weight
         state["classifier.bias"] = self.model.classifier.bias - weight @ self.mu
@@ -184,11 +178,10 @@ def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter
     return np.load(path, mmap_mode="r"), stats, speed
 
 
-def _batches(trunk, stats, rows: np.ndarray, views: np.ndarray | int, size: int = 256):
+def _batches(trunk, stats, rows: np.ndarray, view: int, size: int = 256):
     for start in range(0, len(rows), size):
         idx = rows[start:start + size]
-        v = views if isinstance(views, int) else views[start:start + size]
-        yield torch.from_numpy(np.asarray(trunk[idx, v], np.float32)), torch.from_numpy(stats[idx, v])
+        yield torch.from_numpy(np.asarray(trunk[idx, view], np.float32)), torch.from_numpy(stats[idx, view])
 
 
 @torch.no_grad()
@@ -217,15 +210,9 @@ def linear_probe(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarr
     probe = LogisticRegression(C=PROBE_C, max_iter=2000, random_state=seed,
                                class_weight={int(c): len(labels) / (len(present) * counts[c]) for c in present})
     probe.fit(x, labels)
-    weight = torch.zeros(len(CLASSES), x.shape[1])
-    bias = torch.full((len(CLASSES),), -30.0)  # a class absent from the fold's training images: never predicted
-    coef, intercept = probe.coef_, probe.intercept_
-    if len(probe.classes_) == 2:  # sklearn's binary form: one logit d, as two softmax logits (-d/2, d/2)
-        coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
-    weight[probe.classes_] = torch.from_numpy(coef).float()
-    bias[probe.classes_] = torch.from_numpy(intercept).float()
-    top.model.classifier.weight.data.copy_(weight)
-    top.model.classifier.bias.data.copy_(bias)
+    weight, bias = class_logits(probe)
+    top.model.classifier.weight.data.copy_(torch.from_numpy(weight))
+    top.model.classifier.bias.data.copy_(torch.from_numpy(bias))
 
 
 def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, loss_fn, cfg, fold: int,
@@ -289,12 +276,11 @@ def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, l
 PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # tau of the prior correction, chosen by the inner split
 
 
-def prior_correction(opts, spec: ModelSpec, trunk, stats, rows: np.ndarray, labels: np.ndarray, groups: list[str],
-                     fold: int, stage: int, progress=None) -> float:
+def prior_correction(opts, base, trunk, stats, rows: np.ndarray, items: list, fold: int, progress=None) -> float:
     """tau for the logit adjustment ``logit_c - tau * log(prior_c)`` (the fold's training class frequencies),
     chosen on an inner split of the fold's own training images (grouped by lesion, a third held out; extra
     images stay on the training side) by the balanced accuracy of a model trained there for half the epochs.
-    The held-out fold is never looked at."""
+    The held-out fold is never looked at. ``items``: the HAM images then the extra ones, as the cache rows."""
     from dataclasses import replace
 
     from sklearn.model_selection import StratifiedGroupKFold
@@ -302,6 +288,8 @@ def prior_correction(opts, spec: ModelSpec, trunk, stats, rows: np.ndarray, labe
     memo = opts.out / "checkpoints" / f"cls_fold{fold}_tau.json"
     if opts.resume and memo.exists():
         return float(json.loads(memo.read_text())["tau"])
+    labels = np.array([i.label for i in items])
+    groups = [i.group or i.image_id for i in items]
     own = np.array([not groups[i].startswith("extra:") for i in rows])
     splitter = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=opts.fit.seed)
     with warnings.catch_warnings():  # a class with fewer than 3 lesions: sklearn says so, the split still holds
@@ -309,12 +297,12 @@ def prior_correction(opts, spec: ModelSpec, trunk, stats, rows: np.ndarray, labe
         inner_train, inner_val = next(splitter.split(rows[own], labels[rows[own]], [groups[i] for i in rows[own]]))
     inner_train = np.concatenate([rows[own][inner_train], rows[~own]])
     inner_val = rows[own][inner_val]
-    top = TunedTop(new_model(opts, spec, fold), stage, opts.lora_rank, derived_seed(opts.fit.seed, fold, 1, 6) % 2**31,
-                   opts.tune_depthwise)
+    top = TunedTop(copy.deepcopy(base), opts.tune_stages, opts.lora_rank,
+                   derived_seed(opts.fit.seed, fold, 1, 6) % 2**31, opts.tune_depthwise)
     linear_probe(top, trunk, stats, inner_train, labels[inner_train], opts.fit.seed)
     (opts.out / "logs" / f"cls_fold{fold}_inner.csv").unlink(missing_ok=True)
     cfg = replace(opts.fit, epochs=max(1, opts.fit.epochs // 2))
-    fit_top(top, trunk, stats, inner_train, labels, make_loss(opts, _items(opts, inner_train)),
+    fit_top(top, trunk, stats, inner_train, labels, make_loss(opts, [items[i] for i in inner_train]),
             cfg, fold, opts.out / "checkpoints" / f"cls_fold{fold}_inner.pt",
             opts.out / "logs" / f"cls_fold{fold}_inner.csv", False, inner_val, progress)
     probs = cached_flip_probs(top, trunk, stats, inner_val)
@@ -332,26 +320,10 @@ def prior_correction(opts, spec: ModelSpec, trunk, stats, rows: np.ndarray, labe
     return tau
 
 
-def _items(opts, rows: np.ndarray) -> list:
-    everything = [*opts.items, *opts.extra_items]
-    return [everything[i] for i in rows]
-
-
-def check_options(opts) -> None:
-    if opts.task != "classification":
-        raise UsageError("--tune-stages trains the classifier: use it with --task cls")
-    if opts.frozen_backbone or opts.warm_start is not None or opts.pretrained == "none":
-        raise UsageError("--tune-stages starts from the ImageNet backbone: it cannot be combined with "
-                         "--frozen-backbone, --warm-start or --pretrained none")
-    if opts.lora_rank < 0 or opts.jitter_views < 0:
-        raise UsageError("--lora-rank and --jitter-views must be 0 or more")
-
-
 def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict, provenance: dict,
                 cache: Path, progress=None) -> None:
     """Every fold not in ``done``: fine-tune its upper stages on the cached trunk, save it and its OOF rows."""
-    check_options(opts)
-    base = new_model(opts, spec, 0)
+    base = new_model(opts, spec, 0)  # ImageNet weights; every fold starts from a copy
     stage = opts.tune_stages
     if not 1 <= stage < len(base.backbone.blocks):
         raise UsageError(f"--tune-stages {stage}: {spec.encoder} has stages 0..{len(base.backbone.blocks) - 1}; "
@@ -361,10 +333,10 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
     trunk, stats, speed = cache_trunk(base, spec, dataset, stage, opts.jitter_views, opts.fit.seed,
                                       opts.out / "checkpoints" / "cls_trunk.npy", progress)
     labels = np.array([i.label for i in everything])
-    groups = [i.group or i.image_id for i in everything]
     folds = np.array([fold_of[i.image_id] for i in opts.items] + [-1] * len(opts.extra_items))
-    fold_keys = set(TunedTop(new_model(opts, spec, 0), stage, opts.lora_rank, 0, opts.tune_depthwise).fold_state())
-    name, digest = save_weights(opts.out, opts.task, None, shared_state(base, fold_keys))
+    fold_keys = set(TunedTop(copy.deepcopy(base), stage, opts.lora_rank, 0, opts.tune_depthwise).fold_state())
+    shared = shared_state(base, fold_keys)
+    name, digest = save_weights(opts.out, opts.task, None, shared)
     weights[name] = digest
     earlier = (existing_manifest(opts.out) or {}).get("provenance", {}).get("classification", {})
     provenance["tuned_stages"] = earlier.get("tuned_stages") if done and earlier.get("tuned_stages") else {
@@ -379,10 +351,10 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
         log.info("classification fold %d: %d training, %d held-out images; stages %d.. tuned (rank %d%s)", fold,
                  len(rows), len(held), stage, opts.lora_rank, ", depthwise kernels" if opts.tune_depthwise else "")
         seed = derived_seed(opts.fit.seed, fold, 0, 6) % 2**31
-        top = TunedTop(new_model(opts, spec, fold), stage, opts.lora_rank, seed, opts.tune_depthwise)
+        top = TunedTop(copy.deepcopy(base), stage, opts.lora_rank, seed, opts.tune_depthwise)
         checkpoint = opts.out / "checkpoints" / f"cls_fold{fold}_tuned.pt"
         log_csv = opts.out / "logs" / f"cls_fold{fold}.csv"
-        tau = prior_correction(opts, spec, trunk, stats, rows, labels, groups, fold, stage, progress) \
+        tau = prior_correction(opts, base, trunk, stats, rows, everything, fold, progress) \
             if opts.prior_correction else 0.0
         if not (opts.resume and checkpoint.exists()):
             log_csv.unlink(missing_ok=True)
@@ -393,8 +365,8 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
         prior = np.maximum(np.bincount(labels[rows], minlength=len(CLASSES)) / len(rows), 1e-6)
         state["classifier.bias"] -= tau * torch.from_numpy(np.log(prior)).float()  # the logit adjustment
         provenance["tuned_stages"].setdefault("prior_tau", {})[str(fold)] = tau
-        model = new_model(opts, spec, fold)
-        model.load_state_dict(merge_low_rank(shared_state(base, fold_keys) | state))
+        model = build_model(spec, len(CLASSES))  # the fold as the bundle will load it
+        model.load_state_dict(merge_low_rank(shared | state))
         held_set = TrainingSet([opts.items[i] for i in held], opts.task, spec, opts.crop, cache, False,
                                opts.fit.seed, opts.preprocessing)
         oof = classification_oof(model, spec, held_set, opts.fit.device)
