@@ -57,6 +57,9 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     recursive: bool = True
+    ray: str | None = None  # a Ray cluster address ("auto": ray.init()'s discovery); None: predict here
+    ray_actors: int | None = None
+    ray_cpus_per_actor: float | None = None
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -71,6 +74,8 @@ class RunOptions:
             raise UsageError("--resume and --overwrite contradict each other; choose one")
         if self.guided and self.explain is None:
             raise UsageError("--guided adds guided Grad-CAM to the --explain outputs: pass --explain DIR too")
+        if self.ray is None and (self.ray_actors is not None or self.ray_cpus_per_actor is not None):
+            raise UsageError("--ray-actors and --ray-cpus-per-actor size the Ray actor pool: pass --ray too")
 
     @property
     def manifest(self) -> Path:
@@ -159,9 +164,24 @@ def _pending(options: RunOptions, items: list[InputImage], summary: RunSummary):
 
 
 def _predictor(options: RunOptions, first_use) -> Predictor:
-    return Predictor(options.model, backend=options.backend, device=options.device, tta=options.tta,
-                     folds=options.folds, batch_size=options.batch_size, workers=options.workers,
-                     precision=options.precision, first_use=first_use)
+    """A Predictor here, or (``--ray``) one per actor of a Ray Data pool, behind the same interface."""
+    knobs = {"backend": options.backend, "device": options.device, "tta": options.tta, "folds": options.folds,
+             "batch_size": options.batch_size, "workers": options.workers, "precision": options.precision,
+             "first_use": first_use}
+    if options.ray is None:
+        return Predictor(options.model, **knobs)
+    from dermbatch.cluster import ClusterOptions, RayPredictor  # Ray: only when asked for
+
+    cluster = ClusterOptions(options.ray, options.ray_actors, options.ray_cpus_per_actor, _arrays_needed(options))
+    return RayPredictor(cluster, model=options.model, **knobs)
+
+
+def _arrays_needed(options: RunOptions) -> frozenset[str]:
+    """Which of a result's image arrays the requested outputs read (the rest need not leave the Ray actors)."""
+    wanted = {"mask": (options.masks, options.annotate, options.report),
+              "image": (options.annotate, options.report),
+              "crop": (options.crops, options.explain, options.report)}
+    return frozenset(name for name, outputs in wanted.items() if any(o is not None for o in outputs))
 
 
 def _explainer(options: RunOptions, predictor: Predictor):

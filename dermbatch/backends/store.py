@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dermbatch.bundle import Bundle
@@ -46,6 +48,27 @@ def writable_root(bundle: Bundle) -> Path:
     if os.access(bundle.path, os.W_OK) and not bundle.is_installed_default:
         return own
     return cache
+
+
+@contextmanager
+def build_lock(bundle: Bundle) -> Iterator[None]:
+    """Hold an exclusive lock on this bundle's engine root while building into it, so processes that share a
+    cache (Ray actors on one node, two runs started together) build one after the other, never into one folder
+    at once. Whoever waited should look again for the engine before building it (``find_engine``)."""
+    root = writable_root(bundle)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; a clash there costs a rebuild, not a corrupt engine
+        yield
+        return
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".build.lock", "w")
+    except OSError as exc:
+        raise BackendError(f"{root}: cannot create the engine build lock ({exc.strerror or exc})") from None
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def find_engine(bundle: Bundle, target: str, precision: str | None = None, device_tag: str | None = None):

@@ -2,16 +2,18 @@
 
 On CPU, the first ``--backend auto`` run of the installed default bundle builds its fp32 engine (OpenVINO when
 installed, else ONNX Runtime) into the per-user cache, once (about half a minute), in one log line. A
-failure is logged and the run goes on with torch. The builder (``engines/``) is imported here, lazily: the
-registry itself never builds anything.
+failure is logged and the run goes on with torch. Processes sharing the cache (Ray actors on one node) build
+one at a time; the ones that waited use what the first built. The builder (``engines/``) is imported here,
+lazily: the registry itself never builds anything.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 
-from dermbatch.backends.store import ENGINE_NAMES, read_info
+from dermbatch.backends.store import ENGINE_NAMES, build_lock, find_engine, read_info
 from dermbatch.bundle import Bundle
 
 log = logging.getLogger("dermbatch.backends")  # the registry's logger: the line reads as its decision
@@ -23,12 +25,18 @@ def build_default_engine(bundle: Bundle) -> str | None:
     try:
         from engines.build import build_first_use_engine
 
-        previous = logging.root.manager.disable
-        logging.disable(logging.INFO)  # the build's own steps; the line below says what happened
-        try:
-            folder = build_first_use_engine(bundle)
-        finally:
-            logging.disable(previous)
+        with build_lock(bundle):
+            for target in ("openvino", "onnxruntime"):  # built by another process while this one waited
+                found = find_engine(bundle, target, "fp32")
+                if found and (target != "openvino" or importlib.util.find_spec("openvino") is not None):
+                    log.info("backend: %s (auto; its engine was just built by another process)", target)
+                    return target
+            previous = logging.root.manager.disable
+            logging.disable(logging.INFO)  # the build's own steps; the line below says what happened
+            try:
+                folder = build_first_use_engine(bundle)
+            finally:
+                logging.disable(previous)
         target = read_info(folder)["target"]
     except Exception as exc:  # any failure: say so, and run the same models with torch
         log.warning("backend: torch (auto; building the default bundle's engine failed: %s: %s)",

@@ -13,7 +13,29 @@ from dermbatch.cli.app import Command, app, setup_logging, stderr
 from dermbatch.errors import UsageError
 
 
-@app.command("run", cls=Command)
+class RunCommand(Command):
+    """``--ray`` takes an optional address: bare, or followed by something that is not one, it means ``auto``."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_ray_address(args))
+
+
+def with_ray_address(args: list[str]) -> list[str]:
+    """``--ray`` at the end, or before an option or an input path, becomes ``--ray auto``."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--ray" and (i + 1 == len(args) or not _looks_like_address(args[i + 1])):
+            args.insert(i + 1, "auto")
+    return args
+
+
+def _looks_like_address(value: str) -> bool:
+    return value in ("auto", "local") or value.startswith("ray://") or (":" in value and not value.startswith("-"))
+
+
+@app.command("run", cls=RunCommand)
 def run_command(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...",
         help="Image files and/or folders (jpg, png, bmp, tif)."),
@@ -43,6 +65,13 @@ def run_command(
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --out and append the rest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Descend into sub-folders."),
+    ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]",
+        help="Predict on a Ray cluster: auto (ray.init() finds it; the default when no address follows), "
+             "host:6379 or ray://host:10001. Needs dermbatch[ray]."),
+    ray_actors: int | None = typer.Option(None, "--ray-actors", min=1, metavar="N",
+        help="With --ray: predictor actors [default: one per GPU, else one per --ray-cpus-per-actor CPUs]."),
+    ray_cpus_per_actor: float | None = typer.Option(None, "--ray-cpus-per-actor", metavar="N",
+        help="With --ray: CPUs each actor reserves (its torch/engine threads) [default: 1]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the output paths (and errors)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debugging details."),
 ) -> int:
@@ -54,12 +83,17 @@ def run_command(
       dermbatch run ./images --out results.csv --masks masks/ --annotate annotated/ --report report/
       dermbatch run a.jpg more/ --out r.csv --model my-bundle --tta d4 --folds 0,2 --batch-size 16
       dermbatch run ./images --out results.csv --resume          # continue an interrupted run
+      dermbatch run /shared/archive --out results.csv --ray head-node:6379 --ray-cpus-per-actor 4
     """
     from dermbatch.backends import backend_names
     from dermbatch.cli.first_use import build_default_engine
     from dermbatch.pipeline import RunOptions, run
 
     setup_logging(quiet, verbose)
+    if ray is not None:
+        from dermbatch.cluster import require_ray
+
+        require_ray()
     if backend not in backend_names():
         raise UsageError(f"--backend {backend!r}: available here: {', '.join(backend_names())}")
     if precision not in ("auto", "fp32", "fp16", "bf16", "int8"):
@@ -68,8 +102,8 @@ def run_command(
                          backend=backend, device=device, precision=None if precision == "auto" else precision,
                          tta=tta, folds=folds, batch_size=batch_size, workers=workers, masks=masks,
                          annotate=annotate, crops=crops, details=details, explain=explain, guided=guided,
-                         report=report,
-                         resume=resume, overwrite=overwrite, recursive=recursive)
+                         report=report, resume=resume, overwrite=overwrite, recursive=recursive, ray=ray,
+                         ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus_per_actor)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=stderr, disable=quiet, transient=False)
