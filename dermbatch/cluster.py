@@ -78,12 +78,12 @@ class PredictActor:
         before = dict(self.predictor.seconds)
         results = list(self.predictor.predict(items))
         seconds = {k: (v - before.get(k, 0.0)) / len(results) for k, v in self.predictor.seconds.items()}
-        payloads = [pickle.dumps({"result": _strip(r, self.keep), "actor": self.name, "runtime": self.runtime,
+        payloads = [pickle.dumps({"result": strip_arrays(r, self.keep), "actor": self.name, "runtime": self.runtime,
                                   "seconds": seconds}, protocol=5) for r in results]
         return {"image_id": np.array([r.image_id for r in results]), "payload": np.array(payloads, dtype=object)}
 
 
-def _strip(result: Result, keep: frozenset[str]) -> Result:
+def strip_arrays(result: Result, keep: frozenset[str]) -> Result:
     """Drop the arrays no requested output needs, so less travels back to the driver."""
     for name in ("image", "mask", "crop"):
         if name not in keep:
@@ -109,13 +109,18 @@ class RayPredictor:
         self.predictor_options = {"model": model, "backend": backend, "device": device, "tta": tta,
                                   "folds": folds, "batch_size": batch_size, "workers": workers,
                                   "precision": precision, "first_use": first_use}
+        # Ray's own INFO/WARNING lines (execution plans, "progress bars disabled") only with dermbatch -v
+        ray_level = logging.INFO if log.getEffectiveLevel() <= logging.DEBUG else logging.ERROR
         self._owns_ray = not ray.is_initialized()  # a caller's own ray.init() is left as it is
         if self._owns_ray:
             try:
                 ray.init(address=None if cluster.address == "auto" else cluster.address, log_to_driver=False,
-                         logging_level=logging.WARNING, configure_logging=True)
+                         logging_level=ray_level, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise BackendError(f"--ray {cluster.address}: cannot connect to a Ray cluster ({exc})") from None
+        import ray.data  # its logging set-up, then our level over it
+
+        logging.getLogger("ray.data").setLevel(ray_level)
         self.actors, self.resources = self._pool_size(ray.cluster_resources(), device)
         self.actors_seen: set[str] = set()
         self.runtimes: dict[str, dict] = {}
