@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from dermbatch.bundle import ModelSpec
+from trainer import distributed
 from trainer.dataset import TrainingSet
+from trainer.distributed import ShardedOrder, per_rank_batch
 from trainer.metrics import classification_metrics, jaccard, segmentation_metrics
 from trainer.optim import lr_factor, make_optimizer, set_lr
 
@@ -59,15 +61,18 @@ def derived_seed(*parts: int) -> int:
 
 
 def _loader(dataset: TrainingSet, cfg: FitConfig, train: bool, epoch: int, fold: int) -> DataLoader:
+    """Validation: every image in order. Training: this rank's share of the epoch's seeded global order (all of
+    it in one process), in per-rank batches of ``batch_size`` / processes."""
+    if not train:
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, fold, epoch, 1))
-    sampler = None
-    if train and cfg.balanced_sampling and dataset.task == "classification":
+    weights = None
+    if cfg.balanced_sampling and dataset.task == "classification":
         labels = np.array([item.label for item in dataset.items])
         weights = 1.0 / np.bincount(labels)[labels]
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), generator=generator)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      generator=generator, num_workers=cfg.workers, drop_last=train and len(dataset) > cfg.batch_size,
-                      persistent_workers=False)
+    sampler = ShardedOrder(len(dataset), cfg.batch_size, generator, weights)
+    return DataLoader(dataset, batch_size=per_rank_batch(cfg.batch_size), sampler=sampler,
+                      num_workers=cfg.workers, persistent_workers=False)
 
 
 @torch.no_grad()
@@ -98,19 +103,23 @@ def fit_fold(model, spec: ModelSpec, train_set: TrainingSet, val_set: TrainingSe
     model.to(cfg.device)
     loss_fn.to(cfg.device)
     optimizer = make_optimizer(model, spec.task, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
+    main = distributed.is_main()  # under torchrun: rank 0 validates and writes, the others follow its decisions
+    progress = progress if main else None
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = max(1, len(_loader(train_set, cfg, True, 0, fold)))
     total_steps = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # every rank reads rank 0's file
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         best_state = saved["best_model"]
         state = {k: saved[k] for k in state}
-        log.info("%s fold %d: resumed after epoch %d (best %.4f at epoch %d)", spec.task, fold, state["epoch"],
-                 state["best_score"], state["best_epoch"])
+        if main:
+            log.info("%s fold %d: resumed after epoch %d (best %.4f at epoch %d)", spec.task, fold, state["epoch"],
+                     state["best_score"], state["best_epoch"])
+    trained = distributed.wrap(model, cfg.device)  # DDP: gradients averaged over the processes
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.patience and state["bad_epochs"] >= cfg.patience:
             log.info("%s fold %d: early stop, no improvement for %d epochs", spec.task, fold, cfg.patience)
@@ -129,7 +138,7 @@ def fit_fold(model, spec: ModelSpec, train_set: TrainingSet, val_set: TrainingSe
                                cfg.sgdr_cycle_epochs * steps_per_epoch)
             set_lr(optimizer, base_lrs, factor, frozen)
             x, y = x.to(cfg.device), y.to(cfg.device)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(trained(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -137,15 +146,17 @@ def fit_fold(model, spec: ModelSpec, train_set: TrainingSet, val_set: TrainingSe
             seen += len(x)
             if progress:
                 progress.update(task_id, advance=1)
+        running, seen = distributed.sum_over_ranks(running, seen)
         train_seconds = time.perf_counter() - start
         if progress:
             progress.remove_task(task_id)
-        val_loss, metrics = validate(model, val_set, cfg, loss_fn)
+        val_loss, metrics = distributed.broadcast(validate(model, val_set, cfg, loss_fn) if main else None)
         row = {"epoch": epoch + 1, "train_loss": running / max(1, seen), "val_loss": val_loss,
                **{f"val_{k}": v for k, v in metrics.items()}, "lr": base_lrs[-1] * factor,
                "seconds": time.perf_counter() - start, "train_images_per_s": seen / train_seconds}
         state["history"].append(row)
-        _append_csv(log_csv, row)
+        if main:
+            _append_csv(log_csv, row)
         improved = metrics["score"] > state["best_score"]
         if improved:
             state.update(best_score=metrics["score"], best_epoch=epoch + 1, bad_epochs=0)
@@ -153,6 +164,8 @@ def fit_fold(model, spec: ModelSpec, train_set: TrainingSet, val_set: TrainingSe
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
+        if not main:
+            continue
         log.info("%s fold %d epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s, %.1f img/s",
                  spec.task, fold, epoch + 1, row["train_loss"], val_loss, metrics["score"],
                  " (best)" if improved else "", row["train_images_per_s"])

@@ -21,6 +21,7 @@ import torch
 
 from dermbatch.bundle import CLASSES, ModelSpec, PreprocessSpec, load_bundle, save_weights
 from dermbatch.errors import UsageError
+from trainer import distributed
 from trainer.card import write_model_card
 from trainer.dataset import TrainingSet, default_cache_dir
 from trainer.fit import fit_fold
@@ -56,19 +57,24 @@ def _check_compatible(opts: TaskOptions, spec: ModelSpec, previous: dict | None,
 
 
 def train_task(opts: TaskOptions, progress=None) -> dict:
+    """Train every fold of ``opts``; return the out-of-fold metrics (under torchrun: rank 0's, ``{}`` elsewhere)."""
     spec = model_spec(opts)
+    if distributed.world() > 1 and (opts.frozen_backbone or opts.tune_stages is not None):
+        raise UsageError("--frozen-backbone and --tune-stages fit a small head on cached features in one process; "
+                         "run them without torchrun/--nproc")
     if opts.task == "classification" and any(i.mask is None for i in opts.items):
         if (opts.out / "bundle.json").exists() and load_bundle(opts.out).segmentation is not None:
-            opts.items = predict_missing_masks(opts.out, opts.items, opts.cache_dir or default_cache_dir(),
-                                               opts.fit.device)
+            opts.items = distributed.main_first(lambda: predict_missing_masks(
+                opts.out, opts.items, opts.cache_dir or default_cache_dir(), opts.fit.device))
         else:
             log.warning("classification: no masks and no segmentation model in %s: training on whole images, "
                         "unlike `dermbatch run`, which crops to the lesion; train --task seg first or pass --masks",
                         opts.out)
     labels = [i.label for i in opts.items] if opts.task == "classification" else None
     groups = [i.group or i.image_id for i in opts.items]
-    fold_of = load_or_make(opts.out, opts.task, [i.image_id for i in opts.items], opts.folds, opts.fit.seed,
-                           labels, groups if any(i.group for i in opts.items) else None)
+    fold_of = distributed.main_first(lambda: load_or_make(  # rank 0 writes splits.json, the others read it
+        opts.out, opts.task, [i.image_id for i in opts.items], opts.folds, opts.fit.seed, labels,
+        groups if any(i.group for i in opts.items) else None))
     if opts.warm_start is not None:
         check_warm_start(opts, spec, fold_of)
     previous = existing_manifest(opts.out)
@@ -83,7 +89,7 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
                   "pretrained": opts.pretrained, "warm_start": str(opts.warm_start) if opts.warm_start else None,
                   "fit": asdict(opts.fit), "class_weights": opts.class_weights,
                   "focal_gamma": opts.focal_gamma, "label_smoothing": opts.label_smoothing,
-                  "torch": torch.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "processes": distributed.world(), "torch": torch.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if opts.frozen_backbone:
         from trainer.frozen import train_frozen
 
@@ -94,6 +100,8 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
         train_tuned(opts, spec, fold_of, done, weights, provenance, cache, progress)
     else:
         _fine_tune_folds(opts, spec, fold_of, done, weights, provenance, cache, progress)
+    if not distributed.is_main():
+        return {}
     metrics = oof_metrics(opts.out, opts.task, opts.folds)
     write_model_card(opts.out)
     return metrics
@@ -117,6 +125,9 @@ def _fine_tune_folds(opts: TaskOptions, spec: ModelSpec, fold_of: dict[str, int]
         checkpoint = opts.out / "checkpoints" / f"{prefix}_fold{fold}.pt"
         outcome = fit_fold(model, spec, train_set, val_set, loss, opts.fit, fold, checkpoint,
                            opts.out / "logs" / f"{prefix}_fold{fold}.csv", opts.resume, progress)
+        if not distributed.is_main():  # rank 0 writes the fold; the others wait for it before the next one
+            distributed.barrier()
+            continue
         model.load_state_dict(outcome.best_state)
         model.to(opts.fit.device)
         if opts.task == "segmentation":
@@ -131,6 +142,7 @@ def _fine_tune_folds(opts: TaskOptions, spec: ModelSpec, fold_of: dict[str, int]
         checkpoint.unlink(missing_ok=True)  # the fold is in the bundle now; resuming skips it
         log.info("%s fold %d: best epoch %d, validation score %.4f; saved %s", opts.task, fold,
                  outcome.best_epoch, outcome.best_score, name)
+        distributed.barrier()
 
 
 def oof_metrics(out: Path, task: str, folds: int) -> dict:

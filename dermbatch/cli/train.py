@@ -13,8 +13,48 @@ from dermbatch.errors import UsageError
 TASKS = {"seg": "segmentation", "cls": "classification", "both": "both"}
 
 
-@app.command("train", cls=Command)
+class TrainCommand(Command):
+    """Keeps the raw arguments: ``--nproc N`` relaunches the same command under torchrun."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        ctx.meta["dermbatch.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def without_nproc(args: list[str]) -> list[str]:
+    """The command's arguments less ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def launch_torchrun(argv: list[str], nproc: int, device: str) -> int:
+    """``dermbatch train ... --nproc N`` = ``torchrun --standalone --nproc-per-node N -m dermbatch train ...``,
+    each process with its share of the CPU threads (torchrun's own default is 1)."""
+    import os
+    import subprocess
+    import sys
+
+    args = without_nproc(argv)
+    env = dict(os.environ)
+    if not device.startswith("cuda"):
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "dermbatch", "train", *args]
+    stderr.print(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m dermbatch train "
+                 + " ".join(args))
+    return subprocess.run(command, env=env).returncode
+
+
+@app.command("train", cls=TrainCommand)
 def train_command(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Bundle folder to create or extend."),
     task: str = typer.Option("both", metavar="TASK",
         help="seg | cls | both (both needs --data in the official layout)."),
@@ -86,6 +126,10 @@ def train_command(
     device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
     cache: Path | None = typer.Option(None, metavar="DIR", help="Decode cache [default: ~/.cache/dermbatch/train]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its checkpoints."),
+    nproc: int = typer.Option(1, "--nproc", min=1, metavar="N",
+        help="Train each fold with N processes (DistributedDataParallel: gloo on CPU, nccl with one GPU each), "
+             "launched with torchrun; --batch-size is the global batch. The same as `torchrun "
+             "--nproc-per-node N -m dermbatch train ...` (multi-node: run that with torchrun's --nnodes options)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> int:
     """Train k-fold segmentation and/or classification models into a bundle that `dermbatch run` reads.
@@ -98,22 +142,42 @@ def train_command(
           --input-size 128 --tune-stages 4 --epochs 8 --lr 1e-4 --backbone-lr-mult 10 --class-weights balanced
       dermbatch train --task cls --images ham/images --labels ham/labels.csv --out my-bundle --frozen-backbone
       dermbatch train --task cls ... --out my-bundle --resume      # continue after an interruption
+      dermbatch train --task seg --images isic/images --masks isic/masks --out my-bundle --nproc 2
     """
     from dermbatch.backends.torch import resolve_device
     from dermbatch.bundle import PreprocessSpec
     from dermbatch.manifest import COLOR_CONSTANCY
     from trainer.run import plan_tasks
 
-    setup_logging(quiet)
+    import os
+
+    from trainer import distributed
+
+    ranked = distributed.launched()  # one of torchrun's processes
+    main = int(os.environ.get("RANK", "0")) == 0  # rank 0 alone logs, shows progress and prints the results
+    setup_logging(quiet or not main)
     if color_constancy not in COLOR_CONSTANCY:
         raise UsageError(f"--color-constancy {color_constancy!r}: choose {', '.join(COLOR_CONSTANCY)}")
     if not 0.2 <= gamma <= 5:
         raise UsageError("--gamma must be in 0.2..5")
     if task not in TASKS:
         raise UsageError(f"--task {task!r}: choose seg, cls or both")
+    processes = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        if frozen_backbone or tune_stages is not None:
+            raise UsageError("--frozen-backbone and --tune-stages fit a small head on cached features in one "
+                             "process: drop --nproc (and torchrun)")
+        if batch_size % processes:
+            raise UsageError(f"--batch-size {batch_size} is the global batch: make it a multiple of the "
+                             f"{processes} processes")
+    resolved = str(resolve_device(device))
+    if nproc > 1 and not ranked:
+        return launch_torchrun(ctx.meta["dermbatch.argv"], nproc, resolved)
+    if ranked:
+        resolved = distributed.setup(resolved)
     fit = dict(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, backbone_lr_mult=backbone_lr_mult,
                head_warmup_epochs=head_warmup_epochs, sgdr_cycle_epochs=sgdr_cycle, patience=patience,
-               balanced_sampling=balanced_sampling, seed=seed, workers=workers, device=str(resolve_device(device)))
+               balanced_sampling=balanced_sampling, seed=seed, workers=workers, device=resolved)
     plans = plan_tasks(TASKS[task], out=out, data=data, images=images, masks=masks, labels=labels, folds=folds,
                        input_size=input_size, encoder=encoder, pretrained=pretrained, warm_start=warm_start,
                        frozen_backbone=frozen_backbone, tune_stages=tune_stages, lora_rank=lora_rank,
@@ -127,14 +191,21 @@ def train_command(
     from trainer.train import train_task
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, disable=quiet, transient=True)
-    with progress:
-        for plan in plans:
-            metrics = train_task(plan, progress)
-            headline = ("thresholded_jaccard" if plan.task == "segmentation" else "balanced_accuracy")
-            stderr.print(f"{plan.task}: out-of-fold {headline} {metrics[headline]:.4f} over {metrics['images']} "
-                         f"images -> {out / 'metrics.json'}")
-    typer.echo(str(out))
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, disable=quiet or not main,
+                        transient=True)
+    try:
+        with progress:
+            for plan in plans:
+                metrics = train_task(plan, progress)
+                if not main:
+                    continue
+                headline = ("thresholded_jaccard" if plan.task == "segmentation" else "balanced_accuracy")
+                stderr.print(f"{plan.task}: out-of-fold {headline} {metrics[headline]:.4f} over "
+                             f"{metrics['images']} images -> {out / 'metrics.json'}")
+    finally:
+        distributed.teardown()
+    if main:
+        typer.echo(str(out))
     return 0
 
 
