@@ -171,6 +171,12 @@ def train_command(
             raise UsageError(f"--batch-size {batch_size} is the global batch: make it a multiple of the "
                              f"{processes} processes")
     resolved = str(resolve_device(device))
+    if nproc > 1 and resolved.startswith("cuda"):
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise UsageError(f"--nproc {nproc} on CUDA runs one process per GPU; this machine has "
+                             f"{torch.cuda.device_count()}")
     if nproc > 1 and not ranked:
         return launch_torchrun(ctx.meta["dermbatch.argv"], nproc, resolved)
     if ranked:
