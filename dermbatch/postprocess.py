@@ -64,10 +64,10 @@ def expand_box(box: Box, image_size: tuple[int, int], margin: float, square: boo
     bw, bh = w * (1 + 2 * margin), h * (1 + 2 * margin)
     if square:
         bw = bh = max(bw, bh)
-    x0 = max(0, int(math.floor(cx - bw / 2)))
-    y0 = max(0, int(math.floor(cy - bh / 2)))
-    x1 = min(width, int(math.ceil(cx + bw / 2)))
-    y1 = min(height, int(math.ceil(cy + bh / 2)))
+    side_w, side_h = math.ceil(bw - 1e-9), math.ceil(bh - 1e-9)  # whole pixels, decided once: a square stays square
+    x0, y0 = math.floor(cx - side_w / 2), math.floor(cy - side_h / 2)
+    x1, y1 = min(width, x0 + side_w), min(height, y0 + side_h)
+    x0, y0 = max(0, x0), max(0, y0)
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
 
 

@@ -71,6 +71,17 @@ def test_expand_box(box, size, margin, square, expected):
     assert expand_box(box, size, margin, square) == expected
 
 
+def test_a_square_crop_box_is_square_away_from_the_borders():
+    """Rounding each edge on its own once gave 27 x 26 "squares" (and 256 x 257 Grad-CAM images)."""
+    assert expand_box((10, 11, 21, 14), (100, 100), 0.1, True) == (7, 5, 26, 26)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        w, h = (int(v) for v in rng.integers(1, 60, 2))
+        x, y = (int(v) for v in rng.integers(100, 200, 2))
+        bx, by, bw, bh = expand_box((x, y, w, h), (400, 400), float(rng.uniform(0, 0.5)), True)
+        assert bw == bh and bx <= x and by <= y and bx + bw >= x + w and by + bh >= y + h
+
+
 def test_scale_box_maps_between_resolutions():
     assert scale_box((10, 20, 30, 40), (100, 200), (400, 800)) == (40, 80, 120, 160)
 

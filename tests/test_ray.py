@@ -147,11 +147,15 @@ class LocalCluster:
 def cluster(tmp_path_factory):
     if importlib.util.find_spec("ray") is None or not RAY.exists():
         pytest.skip("Ray is not installed")
-    cluster = LocalCluster(tmp_path_factory.mktemp("ray"))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    with pytest.MonkeyPatch.context() as env:
+        # a throw-away loopback cluster: no token authentication, so a token left in ~/.ray by another Ray
+        # instance of this user cannot lock the test's own clients (ray status, the driver) out
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        cluster = LocalCluster(tmp_path_factory.mktemp("ray"))
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 def _image_folder(folder: Path, count: int) -> Path:
