@@ -65,8 +65,9 @@ def precomputed(bundle: Path, backend: str, images: list[Path]) -> dict[str, byt
     """Each image's real result, with only the mask the outputs need, pickled as a PredictActor returns it."""
     with Predictor(bundle, backend=backend) as predictor:
         runtime = predictor.describe()
-        return {r.image_id: pickle.dumps({"result": strip_arrays(r, frozenset({"mask"})), "actor": "stub", "runtime": runtime, "seconds": {}},
-                                         protocol=5) for r in predictor.predict(images)}
+        return {r.image_id: pickle.dumps({"result": strip_arrays(r, frozenset({"mask"})), "actor": "stub",
+                                          "runtime": runtime, "seconds": {}}, protocol=5)
+                for r in predictor.predict(images)}
 
 
 def main() -> None:

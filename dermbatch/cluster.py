@@ -138,8 +138,9 @@ class RayPredictor:
     def _nodes() -> list[dict]:
         import ray
 
-        return [{"node": f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}", "resources": {k: v for k, v in n["Resources"].items()
-                 if k in ("CPU", "GPU", "memory")}} for n in ray.nodes() if n.get("Alive")]
+        return [{"node": f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}",
+                 "resources": {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU", "memory")}}
+                for n in ray.nodes() if n.get("Alive")]
 
     def __enter__(self) -> RayPredictor:
         return self

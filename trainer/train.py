@@ -89,7 +89,8 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
                   "pretrained": opts.pretrained, "warm_start": str(opts.warm_start) if opts.warm_start else None,
                   "fit": asdict(opts.fit), "class_weights": opts.class_weights,
                   "focal_gamma": opts.focal_gamma, "label_smoothing": opts.label_smoothing,
-                  "processes": distributed.world(), "torch": torch.__version__, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "processes": distributed.world(), "torch": torch.__version__,
+                  "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if opts.frozen_backbone:
         from trainer.frozen import train_frozen
 
