@@ -91,10 +91,20 @@ def main_first(fn):
     return fn()
 
 
+def check_options(processes: int, batch_size: int, frozen_backbone: bool, tune_stages: int | None) -> None:
+    """What several processes cannot train: the cached-head recipes, a global batch they cannot share evenly."""
+    if processes <= 1:
+        return
+    if frozen_backbone or tune_stages is not None:
+        raise UsageError("--frozen-backbone and --tune-stages fit a small head on cached features in one "
+                         "process: drop --nproc (and torchrun)")
+    if batch_size % processes:
+        raise UsageError(f"--batch-size {batch_size} is the global batch: make it a multiple of the "
+                         f"{processes} processes")
+
+
 def per_rank_batch(batch_size: int) -> int:
-    if batch_size % world():
-        raise UsageError(f"--batch-size {batch_size} is the global batch: make it a multiple of the {world()} "
-                         "processes")
+    check_options(world(), batch_size, False, None)
     return batch_size // world()
 
 

@@ -59,9 +59,7 @@ def _check_compatible(opts: TaskOptions, spec: ModelSpec, previous: dict | None,
 def train_task(opts: TaskOptions, progress=None) -> dict:
     """Train every fold of ``opts``; return the out-of-fold metrics (under torchrun: rank 0's, ``{}`` elsewhere)."""
     spec = model_spec(opts)
-    if distributed.world() > 1 and (opts.frozen_backbone or opts.tune_stages is not None):
-        raise UsageError("--frozen-backbone and --tune-stages fit a small head on cached features in one process; "
-                         "run them without torchrun/--nproc")
+    distributed.check_options(distributed.world(), opts.fit.batch_size, opts.frozen_backbone, opts.tune_stages)
     if opts.task == "classification" and any(i.mask is None for i in opts.items):
         if (opts.out / "bundle.json").exists() and load_bundle(opts.out).segmentation is not None:
             opts.items = distributed.main_first(lambda: predict_missing_masks(

@@ -162,14 +162,8 @@ def train_command(
         raise UsageError("--gamma must be in 0.2..5")
     if task not in TASKS:
         raise UsageError(f"--task {task!r}: choose seg, cls or both")
-    processes = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1:
-        if frozen_backbone or tune_stages is not None:
-            raise UsageError("--frozen-backbone and --tune-stages fit a small head on cached features in one "
-                             "process: drop --nproc (and torchrun)")
-        if batch_size % processes:
-            raise UsageError(f"--batch-size {batch_size} is the global batch: make it a multiple of the "
-                             f"{processes} processes")
+    distributed.check_options(nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")), batch_size,
+                              frozen_backbone, tune_stages)
     resolved = str(resolve_device(device))
     if nproc > 1 and resolved.startswith("cuda"):
         import torch
