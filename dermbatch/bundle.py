@@ -33,6 +33,7 @@ from dermbatch.manifest import (
     TASKS,
     validate_manifest,
 )
+from dermbatch.quality import QualityModel
 
 __all__ = ["CLASSES", "Bundle", "CropSpec", "ModelSpec", "load_bundle", "save_weights", "write_manifest"]
 
@@ -91,6 +92,7 @@ class Bundle:
     classification: ModelSpec | None
     crop: CropSpec
     preprocessing: PreprocessSpec = PreprocessSpec()
+    quality: QualityModel | None = None  # the segmentation's mask-quality models (``dermbatch.quality``)
 
     @property
     def name(self) -> str:
@@ -196,8 +198,12 @@ def parse_manifest(manifest: Any, root: Path) -> Bundle:
     validate_manifest(manifest, where=str(root / MANIFEST))
     specs = {task: _model_spec(task, manifest[task]) if manifest.get(task) else None for task in TASKS}
     crop = CropSpec(**manifest.get("crop", {}))
+    try:
+        quality = QualityModel.from_manifest((manifest.get("segmentation") or {}).get("quality"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{root / MANIFEST}: segmentation.quality: {exc}") from None
     return Bundle(Path(root), manifest, tuple(manifest["classes"]), specs["segmentation"],
-                  specs["classification"], crop, PreprocessSpec(**manifest.get("preprocessing", {})))
+                  specs["classification"], crop, PreprocessSpec(**manifest.get("preprocessing", {})), quality)
 
 
 def _model_spec(task: str, section: dict) -> ModelSpec:

@@ -40,6 +40,12 @@ def summary(bundle: Bundle) -> dict:
         keys = ("thresholded_jaccard", "jaccard", "dice") if task == "segmentation" else (
             "balanced_accuracy", "macro_auc", "accuracy")
         entry["oof_metrics"] = {k: m[k] for k in keys if k in m}
+        report = (bundle.manifest[task].get("quality") or {}).get("report")
+        if task == "segmentation" and report:
+            entry["mask_quality"] = {"images": report["images"], "data": report["data"],
+                                     "reliable_oof_auc": report["reliable"]["oof_auc"],
+                                     "lesion_oof_auc": report["lesion"]["oof_auc"],
+                                     "lesion_threshold": report["lesion"]["threshold"]}
         out[task] = entry
     out["crop"] = vars(bundle.crop)
     out["preprocessing"] = vars(bundle.preprocessing)

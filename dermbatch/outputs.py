@@ -17,7 +17,7 @@ from dermbatch.errors import OutputError
 
 RESULT_COLUMNS = ("image", *CLASSES)
 DETAIL_COLUMNS = ("image", "path", "prediction", "confidence", "lesion_found", "bbox_x", "bbox_y", "bbox_w",
-                  "bbox_h", "lesion_area_fraction", "status", "error")
+                  "bbox_h", "lesion_area_fraction", "lesion_probability", "mask_quality", "status", "error")
 
 
 def format_rows(rows: Iterable[Iterable]) -> str:
@@ -127,6 +127,7 @@ def result_row(result) -> list:
 def detail_row(result) -> list:
     box = result.bbox or ("", "", "", "")
     if not result.ok:
-        return [result.image_id, str(result.path), "", "", "", "", "", "", "", "", "error", result.error]
+        return [result.image_id, str(result.path), "", "", "", "", "", "", "", "", "", "", "error", result.error]
     return [result.image_id, str(result.path), result.label, f"{result.confidence:.6f}",
-            str(result.lesion_found).lower(), *box, f"{result.area_fraction:.6f}", "ok", ""]
+            str(result.lesion_found).lower(), *box, f"{result.area_fraction:.6f}",
+            *("" if p is None else f"{p:.4f}" for p in (result.lesion_probability, result.mask_quality)), "ok", ""]

@@ -23,6 +23,7 @@ from dermbatch.loader import Sample, batched, iter_samples
 from dermbatch.manifest import TTA_MODES
 from dermbatch.postprocess import mask_from_logits, scale_box
 from dermbatch.preprocess import correct_colors, lesion_crop, model_input
+from dermbatch.quality import mask_features
 from dermbatch.result import Result
 from dermbatch.tta import classify_with_tta, segment_with_tta, softmax, views
 
@@ -147,6 +148,13 @@ class Predictor:
     def _finish_mask(self, result: Result, decoded: DecodedImage, seg_logits: np.ndarray) -> None:
         rgb = decoded.rgb
         mask = mask_from_logits(seg_logits, rgb.shape[:2], self.seg_spec.threshold)
+        quality = self.bundle.quality
+        if quality is not None and mask.any():
+            probs = quality.probabilities(mask_features(seg_logits, self.seg_spec.threshold))
+            result.lesion_probability = float(probs["lesion"][0])
+            result.mask_quality = float(probs["reliable"][0])
+            if result.lesion_probability < quality.thresholds["lesion"]:  # no lesion: classify the whole image
+                mask = np.zeros_like(mask)
         crop, box = lesion_crop(rgb, mask, self.bundle.crop)
         result.image, result.mask, result.crop, result.crop_box = rgb, mask, crop, box
         result.original_size = decoded.original_size

@@ -48,7 +48,7 @@ def mask_overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def thumbnails(result) -> dict[str, np.ndarray]:
     """The report's thumbnails of one good result (BGR, ``THUMB_WIDTH`` wide), by kind."""
-    note = None if result.lesion_found else "no lesion found"
+    note = "unreliable mask" if result.unreliable_mask else None if result.lesion_found else "no lesion found"
     images = {"annotated": draw_annotation(result.image, result.mask, result.crop_box, result.top(3), note),
               "mask": mask_overlay(result.image, result.mask)}
     if result.heatmap is not None:
@@ -77,6 +77,8 @@ def report_entries(folder: Path, results_csv: Path, details_csv: Path, classes: 
             values.sort(key=lambda item: -item[1])
             entry.update(pred=values[0][0], conf=round(values[0][1], 4), top=[[n, round(p, 4)] for n, p in values[:3]],
                          lesion=row.get("lesion_found") == "true")
+            if row.get("mask_quality"):
+                entry["mq"] = round(float(row["mask_quality"]), 4)
         thumbs = {}
         for kind in THUMB_KINDS:
             try:

@@ -23,6 +23,8 @@ class Result:
     lesion_found: bool = False
     bbox: Box | None = None  # crop box in original pixels
     area_fraction: float = 0.0
+    lesion_probability: float | None = None  # the bundle's calibrated P(a lesion is shown), when it has one
+    mask_quality: float | None = None  # calibrated P(Jaccard >= 0.65 against an expert's mask)
     error: str | None = None
     original_size: tuple[int, int] | None = None  # (height, width)
     image: np.ndarray | None = field(default=None, repr=False)
@@ -35,6 +37,11 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def unreliable_mask(self) -> bool:
+        """A lesion was found but its mask is more likely wrong than right (``mask_quality`` < 0.5)."""
+        return self.lesion_found and self.mask_quality is not None and self.mask_quality < 0.5
 
     @property
     def label(self) -> str | None:

@@ -103,7 +103,8 @@ class OutputWriter:
         if masks is not None:
             _write_image(output_path(masks, result.image_id, "_segmentation.png"), result.full_size_mask())
         if annotate is not None:
-            note = None if result.lesion_found else "no lesion found: whole image classified"
+            note = ("no lesion found: whole image classified" if not result.lesion_found
+                    else f"unreliable mask (quality {result.mask_quality:.2f})" if result.unreliable_mask else None)
             image = draw_annotation(result.image, result.mask, result.crop_box, result.top(3), note)
             _write_image(output_path(annotate, result.image_id, "_annotated.jpg"), image)
         if crops is not None:

@@ -23,6 +23,21 @@ def _command(argv: list[str]) -> str:
     return " ".join(["dermbatch", *argv[1:]]) if argv else "–"
 
 
+def _quality_lines(quality: dict | None) -> list[str]:
+    """The mask-quality paragraph (``dermbatch calibrate-masks``'s report), if the bundle has one."""
+    report = (quality or {}).get("report")
+    if not report:
+        return []
+    rel, les = report["reliable"], report["lesion"]
+    return ["Mask quality (`mask_quality`, `lesion_probability` in the details CSV): logistic models on "
+            f"segmentation statistics, fitted on {report['images']} images of {report['data']} (with expert masks, "
+            f"not used to train the U-Net) and {report['skin_views']} lesion-free skin views cut from them, by "
+            f"`{report['command']}`. Out of fold (lesion-grouped): P(Jaccard ≥ 0.65) AUC {rel['oof_auc']:.3f}, "
+            f"Brier {rel['oof_brier']:.3f}, calibration error {rel['oof_calibration_error']:.3f}; lesion presence "
+            f"AUC {les['oof_auc']:.3f}, at threshold {les['threshold']:.3f} {les['oof_missed_lesions']:.1%} of "
+            f"lesions missed and {les['oof_skin_views_rejected']:.1%} of skin views rejected.", ""]
+
+
 def write_model_card(bundle_dir: Path) -> Path:
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
     metrics_path = bundle_dir / "metrics.json"
@@ -71,6 +86,7 @@ def write_model_card(bundle_dir: Path) -> Path:
         if task == "segmentation":
             lines += ["| thresholded Jaccard | Jaccard | Dice |", "| --- | --- | --- |",
                       f"| {_fmt(m['thresholded_jaccard'])} | {_fmt(m['jaccard'])} | {_fmt(m['dice'])} |", ""]
+            lines += _quality_lines(section.get("quality"))
         else:
             lines += ["| balanced accuracy | macro AUC | accuracy | ECE |", "| --- | --- | --- | --- |",
                       f"| {_fmt(m['balanced_accuracy'])} | {_fmt(m['macro_auc'])} | {_fmt(m['accuracy'])} | "

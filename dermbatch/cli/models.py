@@ -74,6 +74,11 @@ def info_command(
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["oof_metrics"].items()) or "no OOF metrics"
         out.print(f"{task}: {entry['model']}, input {entry['input']}, folds {entry['folds']}, TTA {entry['tta']}"
                   f"\n  data: {entry['data']}\n  out-of-fold: {metrics}", highlight=False)
+        quality = entry.get("mask_quality")
+        if quality:
+            out.print(f"  mask quality: calibrated on {quality['images']} images of {quality['data']}; out-of-fold AUC "
+                      f"{quality['reliable_oof_auc']:.3f} (Jaccard >= 0.65), {quality['lesion_oof_auc']:.3f} (lesion "
+                      f"shown; none below {quality['lesion_threshold']:.3f})", highlight=False)
     crop, pre = s["crop"], s["preprocessing"]
     out.print(f"crop: margin {crop['margin']}, {'square' if crop['square'] else 'box'}, background "
               f"{crop['background']}; preprocessing: colour constancy {pre['color_constancy']}, gamma {pre['gamma']}",

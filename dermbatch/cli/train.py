@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -11,6 +12,12 @@ from dermbatch.cli.app import Command, app, setup_logging, stderr
 from dermbatch.errors import UsageError
 
 TASKS = {"seg": "segmentation", "cls": "classification", "both": "both"}
+
+
+def progress_bar(disable: bool = False) -> Progress:
+    """The training commands' Rich progress bars (on stderr, gone when done)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=stderr, disable=disable, transient=True)
 
 
 class TrainCommand(Command):
@@ -190,9 +197,7 @@ def train_command(
                        preprocessing=PreprocessSpec(color_constancy=color_constancy, gamma=gamma))
     from trainer.train import train_task
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, disable=quiet or not main,
-                        transient=True)
+    progress = progress_bar(disable=quiet or not main)
     try:
         with progress:
             for plan in plans:
@@ -258,6 +263,50 @@ def lr_find_command(
     lrs, losses, suggestion, spec = lr_find(plan, batch_size, steps)
     plot(lrs, losses, suggestion, out, f"LR range test: {spec.task}, {spec.encoder}, {len(plan.items)} images")
     typer.echo(f"suggested learning rate: {suggestion:.2e} (loss curve: {out})")
+    return 0
+
+
+@app.command("calibrate-masks", cls=Command)
+def calibrate_masks_command(
+    model: Path = typer.Option(..., "--model", "-m", metavar="DIR", help="Bundle whose segmentation to calibrate "
+                               "(its bundle.json and model card are updated)."),
+    images: Path = typer.Option(..., metavar="DIR", help="Images with expert masks, not used to train the U-Net."),
+    masks: Path = typer.Option(..., metavar="DIR", help="Their masks (<id>_segmentation.png)."),
+    labels: Path | None = typer.Option(None, metavar="CSV",
+        help="CSV with image_id and lesion_id: the inner cross-validation keeps each lesion in one fold."),
+    limit: int | None = typer.Option(None, metavar="N", min=10, help="Use a seeded random subset of N images."),
+    max_missed: float = typer.Option(0.01, "--max-missed", metavar="P", min=0.0, max=0.5,
+        help="Share of real lesions (out of fold) the no-lesion decision may miss; sets its threshold."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, metavar="N", help="Images per forward batch."),
+    seed: int = typer.Option(0, metavar="N", help="Seed of the subset, the skin views and the inner folds."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
+) -> int:
+    """Fit the bundle's mask-quality models: mask_quality (P(Jaccard >= 0.65)) and the no-lesion decision.
+
+    Runs the bundle's segmentation on images with expert masks and on lesion-free skin views cut from them, and
+    fits two logistic models on shape and confidence statistics of each mask, their L2 strength chosen by a
+    lesion-grouped inner cross-validation; prints the out-of-fold scores. `run` then writes mask_quality and
+    lesion_probability in the details CSV and classifies the whole image when no lesion is shown.
+
+    \b
+    Examples:
+      dermbatch calibrate-masks --model my-bundle --images ham/images --masks ham/masks --labels ham/labels.csv
+      dermbatch calibrate-masks --model my-bundle --images held-out/images --masks held-out/masks --limit 500
+    """
+    from trainer.quality import calibrate_masks
+
+    setup_logging()
+    if not (model / "bundle.json").is_file():
+        raise UsageError(f"--model {model}: not a bundle folder (no bundle.json)")
+    with progress_bar() as progress:
+        report = calibrate_masks(model, images, masks, labels=labels, limit=limit, seed=seed, max_missed=max_missed,
+                                 batch_size=batch_size, device=device, command=sys.argv, progress=progress)
+    rel, les = report["reliable"], report["lesion"]
+    stderr.print(f"mask_quality: out-of-fold AUC {rel['oof_auc']:.3f}, Brier {rel['oof_brier']:.3f}, calibration "
+                 f"error {rel['oof_calibration_error']:.3f}; no lesion below {les['threshold']:.3f}: "
+                 f"{les['oof_missed_lesions']:.1%} of lesions missed, {les['oof_skin_views_rejected']:.1%} of "
+                 "skin views rejected (out of fold)")
+    typer.echo(str(model / "bundle.json"))
     return 0
 
 
