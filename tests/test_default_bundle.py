@@ -86,3 +86,11 @@ def test_installed_default_bundle_runs_the_sample_images(tmp_path, monkeypatch):
     assert len(list((tmp_path / "m").iterdir())) == len(images) == len(list((tmp_path / "a").iterdir()))
     bundle = load_bundle(None)
     assert sum(p.stat().st_size for p in bundle.path.iterdir() if p.is_file()) < 80e6
+    import csv
+
+    details = {r["image"]: r for r in csv.DictReader(open(tmp_path / "results_details.csv"))}
+    # the calibrated no-lesion decision: the lesion-free sample loses its phantom mask, the others keep theirs
+    assert details["sample_07_no_lesion"]["lesion_found"] == "false"
+    assert float(details["sample_07_no_lesion"]["lesion_probability"]) < bundle.quality.thresholds["lesion"]
+    assert all(d["lesion_found"] == "true" and float(d["mask_quality"]) > 0.5 for i, d in details.items()
+               if i != "sample_07_no_lesion")
