@@ -106,9 +106,15 @@ class Predictor:
         return {**self.backend.describe(), "tta": self.tta, "folds": self.folds, "batch_size": self.batch_size,
                 "workers": self.workers}
 
-    def _decode(self, item: InputImage) -> tuple[DecodedImage, np.ndarray]:
-        decoded = decode_image(item.path, min_side=self.min_side, max_pixels=self.max_pixels)
+    def decode(self, path: str | os.PathLike, full_size: bool = False) -> DecodedImage:
+        """The image as the models see it: decoded (a large JPEG at reduced size unless ``full_size``), with
+        the bundle's colour correction."""
+        decoded = decode_image(path, min_side=None if full_size else self.min_side, max_pixels=self.max_pixels)
         decoded.rgb = correct_colors(decoded.rgb, self.bundle.preprocessing)  # what the models were trained on
+        return decoded
+
+    def _decode(self, item: InputImage) -> tuple[DecodedImage, np.ndarray]:
+        decoded = self.decode(item.path)
         return decoded, model_input(decoded.rgb, self.seg_spec)
 
     def predict(self, inputs: str | os.PathLike | Iterable[str | os.PathLike] | Iterable[InputImage],

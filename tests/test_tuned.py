@@ -15,7 +15,7 @@ from dermbatch.cli.main import main
 from dermbatch.errors import BundleError
 from dermbatch.models import MultiStageClassifier, merge_low_rank
 from tests.conftest import HAM, real_images
-from trainer.tuned import D4_VIEWS, FLIP_VIEWS, PRIOR_GRID, LowRankConv, d4_view
+from trainer.tuned import D4_VIEWS, FLIP_VIEWS, PRIOR_GRID, LowRankConv, d4_view, inner_calibration
 
 
 def test_merged_low_rank_update_equals_the_unmerged_module():
@@ -110,6 +110,7 @@ def test_tuned_stages_train_beats_chance_and_its_oof_rows_are_the_bundles_output
     np.testing.assert_allclose(probs, expected, atol=2e-5)
     tuned = json.loads((out / "bundle.json").read_text())["provenance"]["classification"]["tuned_stages"]
     assert set(tuned["prior_tau"]) == {"0", "1"} and all(t in PRIOR_GRID for t in tuned["prior_tau"].values())
+    assert set(tuned["temperature"]) == {"0", "1"} and all(0.25 <= t <= 4 for t in tuned["temperature"].values())
     assert "logit adjustment" in (out / "README.md").read_text()
 
     # --resume: fold 1 again from its cached trunk, never recomputed
@@ -120,6 +121,20 @@ def test_tuned_stages_train_beats_chance_and_its_oof_rows_are_the_bundles_output
     (out / "bundle.json").write_text(json.dumps(manifest))
     assert main(list(map(str, [*args, "--resume"]))) == 0
     assert [r["image"] for r in _rows(out / "oof" / "cls_fold1.csv")] == list(held)
+
+
+def test_inner_calibration_softens_overconfidence_and_corrects_the_prior():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(2, 4000, p=[0.9, 0.1])
+    # calibrated scores cubed: overconfident, so the log loss wants a temperature of about 3
+    true_logit = rng.normal(np.where(labels == 1, 1.0, -1.0), 1.0) + np.log(0.1 / 0.9)
+    z = np.stack([np.zeros_like(true_logit), 3 * true_logit], 1)
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    temperature, tau, scores = inner_calibration(probs, labels, np.array([0.9, 0.1]))
+    assert 2.2 < temperature < 4.0
+    # the rare class needs the prior taken out for balanced accuracy: tau > 0 wins, and scores are per tau
+    assert tau > 0 and set(scores) == set(PRIOR_GRID) and scores[tau] > scores[0.0] + 0.05
 
 
 def test_tune_stages_is_refused_with_frozen_backbone_and_for_segmentation(tmp_path, capsys):

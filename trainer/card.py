@@ -74,9 +74,10 @@ def write_model_card(bundle_dir: Path) -> Path:
                          f"probe (C={tuned['probe_c']:g}); the last epoch is kept (none chosen on held-out images)"
                          + (f"; {tuned['extra_training_images']} extra labelled images on the training side of "
                             "every fold only" if tuned.get("extra_training_images") else "")
-                         + ("; logit adjustment -tau x log(class frequency), tau per fold by an inner split of its "
-                            "training images: " + ", ".join(f"fold {k}: {t:g}" for k, t in
-                                                             sorted(tuned["prior_tau"].items()))
+                         + ("; logit adjustment logit / T - tau x log(class frequency), T (by log loss) and tau (by "
+                            "balanced accuracy) per fold by an inner split of its training images: "
+                            + ", ".join(f"fold {k}: T {tuned.get('temperature', {}).get(k, 1.0):g}, tau {t:g}"
+                                        for k, t in sorted(tuned["prior_tau"].items()))
                             if tuned.get("prior_tau") else ""))
         lines.append("")
         m = metrics.get(task)

@@ -22,9 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dermbatch.imageio import decode_image
 from dermbatch.postprocess import mask_from_logits
-from dermbatch.preprocess import correct_colors, model_input
+from dermbatch.preprocess import model_input
 from dermbatch.quality import FEATURES, QualityModel, mask_features
 from dermbatch.tta import segment_with_tta
 from trainer.metrics import ISIC_JACCARD_THRESHOLD, jaccard
@@ -74,7 +73,7 @@ def collect(predictor, items: list[tuple[str, Path, Path, str]], seed: int = 0, 
     for start in range(0, len(items), batch_size):
         images, truths, groups, lesion = [], [], [], []
         for image_id, image_path, mask_path, group in items[start:start + batch_size]:
-            rgb = correct_colors(decode_image(image_path).rgb, predictor.bundle.preprocessing)
+            rgb = predictor.decode(image_path, full_size=True).rgb  # full size: the expert mask's
             truth = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
             if truth is None or truth.shape != rgb.shape[:2]:
                 raise ValueError(f"{mask_path}: unreadable mask or not the size of {image_path}")

@@ -274,20 +274,45 @@ def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, l
 
 
 PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # tau of the prior correction, chosen by the inner split
+TEMPERATURE_GRID = tuple(float(t) for t in np.geomspace(0.25, 4.0, 25))  # chosen by the inner split's log loss
 
 
-def prior_correction(opts, base, trunk, stats, rows: np.ndarray, items: list, fold: int, progress=None) -> float:
-    """tau for the logit adjustment ``logit_c - tau * log(prior_c)`` (the fold's training class frequencies),
-    chosen on an inner split of the fold's own training images (grouped by lesion, a third held out; extra
-    images stay on the training side) by the balanced accuracy of a model trained there for half the epochs.
-    The held-out fold is never looked at. ``items``: the HAM images then the extra ones, as the cache rows."""
+def inner_calibration(probs: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> tuple[float, float, dict]:
+    """(temperature, tau, balanced accuracy by tau) from one inner split's predictions: the temperature with
+    the lowest log loss, then the tau whose adjustment ``logit_c / T - tau * log(prior_c)`` gives the highest
+    balanced accuracy (ties: the smaller tau)."""
+    log_p = np.log(probs + 1e-12)
+    rows = np.arange(len(labels))
+
+    def log_loss(t: float) -> float:
+        z = log_p / t
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[rows, labels]))
+
+    temperature = min(TEMPERATURE_GRID, key=log_loss)
+    scores = {}
+    for tau in PRIOR_GRID:
+        adjusted = log_p / temperature - tau * np.log(prior)
+        scores[tau] = classification_metrics(np.exp(adjusted - adjusted.max(1, keepdims=True)), labels)[
+            "balanced_accuracy"]
+    return temperature, max(scores, key=scores.get), scores
+
+
+def prior_correction(opts, base, trunk, stats, rows: np.ndarray, items: list, fold: int,
+                     progress=None) -> tuple[float, float]:
+    """(temperature, tau) of the fold's calibration ``logit_c / T - tau * log(prior_c)`` (prior: the fold's
+    training class frequencies), both chosen on an inner split of the fold's own training images (grouped by
+    lesion, a third held out; extra images stay on the training side) from a model trained there for half the
+    epochs: T by log loss, then tau by balanced accuracy. The held-out fold is never looked at. ``items``: the
+    HAM images then the extra ones, as the cache rows."""
     from dataclasses import replace
 
     from sklearn.model_selection import StratifiedGroupKFold
 
     memo = opts.out / "checkpoints" / f"cls_fold{fold}_tau.json"
     if opts.resume and memo.exists():
-        return float(json.loads(memo.read_text())["tau"])
+        saved = json.loads(memo.read_text())
+        return float(saved.get("temperature", 1.0)), float(saved["tau"])
     labels = np.array([i.label for i in items])
     groups = [i.group or i.image_id for i in items]
     own = np.array([not groups[i].startswith("extra:") for i in rows])
@@ -307,17 +332,13 @@ def prior_correction(opts, base, trunk, stats, rows: np.ndarray, items: list, fo
             opts.out / "logs" / f"cls_fold{fold}_inner.csv", False, inner_val, progress)
     probs = cached_flip_probs(top, trunk, stats, inner_val)
     prior = np.maximum(np.bincount(labels[inner_train], minlength=len(CLASSES)) / len(inner_train), 1e-6)
-    scores = {}
-    for tau in PRIOR_GRID:
-        adjusted = np.log(probs + 1e-12) - tau * np.log(prior)
-        scores[tau] = classification_metrics(np.exp(adjusted - adjusted.max(1, keepdims=True)), labels[inner_val])[
-            "balanced_accuracy"]
-    tau = max(scores, key=scores.get)
-    log.info("classification fold %d: inner balanced accuracy by prior correction tau %s -> tau=%g", fold,
-             {f"{t:g}": round(v, 4) for t, v in scores.items()}, tau)
+    temperature, tau, scores = inner_calibration(probs, labels[inner_val], prior)
+    log.info("classification fold %d: inner split: temperature %.3g by log loss; balanced accuracy by prior "
+             "correction tau %s -> tau=%g", fold, temperature, {f"{t:g}": round(v, 4) for t, v in scores.items()},
+             tau)
     (opts.out / "checkpoints" / f"cls_fold{fold}_inner.pt").unlink(missing_ok=True)
-    memo.write_text(json.dumps({"tau": tau, "inner_balanced_accuracy": scores}))
-    return tau
+    memo.write_text(json.dumps({"temperature": temperature, "tau": tau, "inner_balanced_accuracy": scores}))
+    return temperature, tau
 
 
 def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict, provenance: dict,
@@ -354,8 +375,8 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
         top = TunedTop(copy.deepcopy(base), stage, opts.lora_rank, seed, opts.tune_depthwise)
         checkpoint = opts.out / "checkpoints" / f"cls_fold{fold}_tuned.pt"
         log_csv = opts.out / "logs" / f"cls_fold{fold}.csv"
-        tau = prior_correction(opts, base, trunk, stats, rows, everything, fold, progress) \
-            if opts.prior_correction else 0.0
+        temperature, tau = prior_correction(opts, base, trunk, stats, rows, everything, fold, progress) \
+            if opts.prior_correction else (1.0, 0.0)
         if not (opts.resume and checkpoint.exists()):
             log_csv.unlink(missing_ok=True)
             linear_probe(top, trunk, stats, rows, labels[rows], opts.fit.seed)
@@ -363,7 +384,11 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
                 checkpoint, log_csv, opts.resume, held, progress)
         state = top.fold_state()
         prior = np.maximum(np.bincount(labels[rows], minlength=len(CLASSES)) / len(rows), 1e-6)
-        state["classifier.bias"] -= tau * torch.from_numpy(np.log(prior)).float()  # the logit adjustment
+        state["classifier.weight"] /= temperature  # the calibration, folded into the classifier
+        state["classifier.bias"] = state["classifier.bias"] / temperature \
+            - tau * torch.from_numpy(np.log(prior)).float()
+        if opts.prior_correction:
+            provenance["tuned_stages"].setdefault("temperature", {})[str(fold)] = round(temperature, 4)
         provenance["tuned_stages"].setdefault("prior_tau", {})[str(fold)] = tau
         model = build_model(spec, len(CLASSES))  # the fold as the bundle will load it
         model.load_state_dict(merge_low_rank(shared | state))

@@ -92,9 +92,10 @@ def train_command(
     lora_rank: int = typer.Option(4, "--lora-rank", metavar="R", min=0,
         help="With --tune-stages: rank of the update of every 1x1 convolution of the tuned stages (0: none)."),
     prior_correction: bool = typer.Option(False, "--prior-correction",
-        help="With --tune-stages: subtract tau x log(class frequency) from the logits (folded into the bias), "
-             "tau chosen per fold on an inner split of its training images (a model trained there for half the "
-             "epochs); it trades accuracy on frequent classes for recall on rare ones."),
+        help="With --tune-stages: calibrate each fold on an inner split of its training images (a model trained "
+             "there for half the epochs): divide the logits by a temperature chosen by log loss, then subtract "
+             "tau x log(class frequency), tau chosen by balanced accuracy (both folded into the classifier); it "
+             "trades accuracy on frequent classes for recall on rare ones."),
     tune_depthwise: bool = typer.Option(False, "--tune-depthwise",
         help="With --tune-stages: also tune the depthwise kernels of those stages (stored whole per fold)."),
     jitter_views: int = typer.Option(8, "--jitter-views", metavar="N", min=0,
