@@ -31,6 +31,37 @@ def test_pack_halves_the_weights_and_records_the_check(tiny_bundle, image_folder
     assert "segmentation float16, classification float16" in (out / "README.md").read_text()
 
 
+def test_pack_half_lora_halves_only_the_low_rank_factors_of_tuned_folds(tiny_bundle, tmp_path):
+    import torch
+
+    from dermbatch.bundle import save_weights
+
+    shutil.copytree(tiny_bundle.path, tmp_path / "tuned")
+    bundle = load_bundle(tmp_path / "tuned")
+    torch.manual_seed(0)
+    manifest = json.loads((bundle.path / "bundle.json").read_text())
+    for fold in (0, 1):  # what --tune-stages stores per fold: low-rank factors beside a classifier
+        state = bundle.read_weights("classification", fold, shared=False)
+        state |= {"backbone.conv_head.lora_a": torch.randn(4, 8) / 3, "backbone.conv_head.lora_b": torch.randn(8, 4)}
+        name, digest = save_weights(bundle.path, "classification", fold, state)
+        manifest["weights"][name] = digest
+    (bundle.path / "bundle.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(bundle.path)
+    out = tmp_path / "packed"
+    assert main(["pack", "--model", str(bundle.path), "--out", str(out), "--half", "lora"]) == 0
+    packed = load_bundle(out)
+    original, half = bundle.read_weights("classification", 1, shared=False), packed.read_weights(
+        "classification", 1, shared=False)
+    for key, value in original.items():
+        expected = value.half().float() if key.endswith((".lora_a", ".lora_b")) else value
+        assert torch.equal(half[key], expected), key  # everything else stays float32
+    for key, value in bundle.read_weights("segmentation", 0).items():
+        assert torch.equal(packed.read_weights("segmentation", 0)[key], value)
+    assert not torch.equal(half["backbone.conv_head.lora_a"], original["backbone.conv_head.lora_a"])
+    storage = json.loads((out / "bundle.json").read_text())["provenance"]["packed"]["storage"]
+    assert storage["classification"] == "float32, low-rank updates float16"
+
+
 def test_pack_keeps_float32_for_the_tasks_not_halved(tiny_bundle, tmp_path):
     out = tmp_path / "packed"
     assert main(["pack", "--model", str(tiny_bundle.path), "--out", str(out), "--half", "seg"]) == 0

@@ -23,13 +23,23 @@ log = logging.getLogger(__name__)
 COPIED = ("metrics.json", "splits.json", "logs")
 
 
+LOW_RANK = "low-rank"  # --half lora: only the fine-tuned folds' low-rank factors (``*.lora_a``, ``*.lora_b``)
+
+
 def parse_half(value: str) -> tuple[str, ...]:
-    """``--half``: "seg,cls", "seg", "cls" or "none" -> the tasks whose weights are stored as float16."""
-    names = {"seg": "segmentation", "cls": "classification"}
+    """``--half``: "seg,cls", "seg", "cls", "lora" (the low-rank updates of ``--tune-stages`` folds only) or
+    "none", comma-separated -> what is stored as float16 (task names, or ``LOW_RANK``)."""
+    names = {"seg": "segmentation", "cls": "classification", "lora": LOW_RANK}
     parts = [p.strip() for p in value.split(",") if p.strip() and p.strip() != "none"]
     if any(p not in names for p in parts):
-        raise UsageError(f"--half {value!r}: use seg, cls, seg,cls or none")
+        raise UsageError(f"--half {value!r}: use seg, cls, lora, a comma-separated mix, or none")
     return tuple(names[p] for p in parts)
+
+
+def _storage(task: str, half: tuple[str, ...], low_rank: bool) -> str:
+    if task in half:
+        return "float16"
+    return "float32, low-rank updates float16" if low_rank and LOW_RANK in half else "float32"
 
 
 def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_images: Path | None = None,
@@ -40,15 +50,18 @@ def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_image
     if dst.exists() and any(dst.iterdir()):
         raise UsageError(f"{dst} exists and is not empty; choose a new --out")
     dst.mkdir(parents=True, exist_ok=True)
-    weights = {}
+    weights, low_rank = {}, dict.fromkeys(TASKS, False)
     for task in TASKS:
         shared = source.read_shared(task)
         if shared:  # stays stored once
             file, digest = save_weights(dst, task, None, shared, half=task in half)
             weights[file] = digest
         for fold in source.spec(task).folds:
-            file, digest = save_weights(dst, task, fold, source.read_weights(task, fold, shared=False),
-                                        half=task in half)
+            state = source.read_weights(task, fold, shared=False)
+            if LOW_RANK in half:  # the factors of a fine-tuned fold's update: small next to the weights they change
+                low_rank[task] |= any(k.endswith((".lora_a", ".lora_b")) for k in state)
+                state = {k: v.half() if k.endswith((".lora_a", ".lora_b")) else v for k, v in state.items()}
+            file, digest = save_weights(dst, task, fold, state, half=task in half)
             weights[file] = digest
     for item in COPIED:
         if (source.path / item).is_dir():
@@ -58,7 +71,7 @@ def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_image
     manifest = json.loads(json.dumps(source.manifest))
     manifest["weights"] = dict(sorted(weights.items()))
     manifest["name"] = name or manifest.get("name") or dst.name
-    packed = {"storage": {task: "float16" if task in half else "float32" for task in TASKS}, "from": source.name}
+    packed = {"storage": {task: _storage(task, half, low_rank[task]) for task in TASKS}, "from": source.name}
     if note:
         packed["note"] = note
     manifest.setdefault("provenance", {})["packed"] = packed

@@ -359,7 +359,8 @@ def pack_command(
     model: Path = typer.Option(..., "--model", "-m", metavar="DIR", help="Trained bundle to pack."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="New bundle folder."),
     half: str = typer.Option("seg,cls", metavar="MODELS",
-        help="Models stored as float16 (half the size): seg, cls, seg,cls, none."),
+        help="Stored as float16 (half the size): seg, cls, lora (only the low-rank updates of --tune-stages "
+             "folds), comma-separated, or none."),
     check_images: Path | None = typer.Option(None, metavar="DIR",
         help="Images to compare the packed bundle with the original."),
     tolerance: float = typer.Option(1e-3, metavar="P", help="Largest probability difference accepted by the check."),
@@ -373,6 +374,7 @@ def pack_command(
     Examples:
       dermbatch pack --model runs/b1 --out dist/b1 --half none --check-images ham/images
       dermbatch pack --model runs/b1 --out dist/b1-fp16 --half cls --check-images ham/images --tolerance 1e-3
+      dermbatch pack --model runs/tuned --out dist/tuned --half lora --check-images ham/images
     """
     from trainer.package import pack_bundle, parse_half
 
