@@ -152,3 +152,36 @@ def test_merge_keeps_models_without_updates_unchanged():
 
     state = random_state_dict(spec)
     assert merge_low_rank(state).keys() == state.keys()
+
+
+@pytest.mark.realdata
+def test_a_trunk_cache_of_the_first_images_is_extended_to_the_same_rows_a_fresh_one_has(tmp_path, monkeypatch):
+    import trainer.tuned
+    from dermbatch.bundle import IMAGENET_MEAN, IMAGENET_STD, CropSpec
+    from trainer.data import cls_items
+    from trainer.dataset import TrainingSet
+    from trainer.tuned import cache_trunk
+
+    real_images(HAM, 1)
+    items = cls_items(HAM / "images", HAM / "labels.csv", HAM / "masks")[:5]
+    spec = ModelSpec("classification", "timm-multistage", "test_efficientnet", (32, 32), IMAGENET_MEAN,
+                     IMAGENET_STD, (0,))
+    model = MultiStageClassifier("test_efficientnet", 7).eval()
+
+    def cache(count, path):
+        data = TrainingSet(items[:count], "classification", spec, CropSpec(), tmp_path / "crops", False)
+        trunk, stats, _ = cache_trunk(model, spec, data, 2, 2, 0, path)
+        return np.asarray(trunk), stats
+
+    fresh = cache(5, tmp_path / "fresh" / "trunk.npy")
+    cache(3, tmp_path / "grown" / "trunk.npy")
+    computed = []
+    real_views = trainer.tuned.training_views
+    monkeypatch.setattr(trainer.tuned, "training_views", lambda a, *r: computed.append(a) or real_views(a, *r))
+    grown = cache(5, tmp_path / "grown" / "trunk.npy")
+    assert len(computed) == 2  # only the two new images went through the trunk
+    np.testing.assert_array_equal(grown[0], fresh[0])
+    np.testing.assert_array_equal(grown[1], fresh[1])
+    computed.clear()
+    cache(4, tmp_path / "grown" / "trunk.npy")  # not an extension of the five: computed afresh
+    assert len(computed) == 4

@@ -144,19 +144,30 @@ def shared_state(model, fold_keys: set[str]) -> dict[str, torch.Tensor]:
 def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter: int, seed: int, path: Path,
                 progress=None) -> tuple[np.ndarray, np.ndarray, float]:
     """(trunk outputs (N, V, C, h, w) fp16, pooled stage statistics (N, V, D) fp32, images/s): read from
-    ``path`` when made with the same settings for the same images, else computed (and saved there)."""
-    key = json.dumps({"spec": asdict(spec) | {"folds": None}, "stage": stage, "jitter": jitter, "seed": seed,
-                      "ids": [i.image_id for i in dataset.items]}, sort_keys=True, default=str)
+    ``path`` when made with the same settings for the same images, else computed (and saved there). A cache made
+    with the same settings for the first images only (e.g. before ``--extra-images`` were added) keeps those
+    rows and computes the rest: every image's views are drawn from (seed, its row), so the rows are the same."""
+    settings = json.loads(json.dumps({"spec": asdict(spec) | {"folds": None}, "stage": stage, "jitter": jitter,
+                                      "seed": seed}, default=str))
+    ids = [i.image_id for i in dataset.items]
+    key = json.dumps(settings | {"ids": ids}, sort_keys=True)
     meta = path.with_suffix(".json")
-    if meta.exists() and json.loads(meta.read_text()).get("key") == key:
+    saved = json.loads(meta.read_text()) if meta.exists() else {}
+    if saved.get("key") == key:
         log.info("classification: reusing the cached trunk outputs in %s", path)
         return (np.load(path, mmap_mode="r"), np.load(path.with_name(path.stem + "_stats.npy")),
-                json.loads(meta.read_text())["images_per_s"])
+                saved["images_per_s"])
+    before = json.loads(saved["key"]) if saved else {}
+    kept = len(before["ids"]) if before and before | {"ids": None} == settings | {"ids": None} \
+        and 0 < len(before["ids"]) < len(ids) and ids[:len(before["ids"])] == before["ids"] else 0
+    if kept:
+        log.info("classification: keeping the cached trunk outputs of the first %d images in %s, computing %d more",
+                 kept, path, len(ids) - kept)
     model.eval()
     views = D4_VIEWS + jitter
-    task_id = progress.add_task("classification: frozen trunk, once", total=len(dataset)) if progress else None
+    task_id = progress.add_task("classification: frozen trunk, once", total=len(ids) - kept) if progress else None
     start, trunk, stats = time.perf_counter(), None, None
-    for i in range(len(dataset)):
+    for i in range(kept, len(dataset)):
         rng = np.random.default_rng([seed, 17, i])
         out, pooled = model.trunk(torch.from_numpy(training_views(dataset.arrays(i), spec, jitter, rng)), stage)
         if trunk is None:
@@ -164,12 +175,18 @@ def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter
             trunk = np.lib.format.open_memmap(path.with_name(path.stem + ".tmp.npy"), mode="w+", dtype=np.float16,
                                               shape=(len(dataset), views, *out.shape[1:]))
             stats = np.zeros((len(dataset), views, pooled.shape[1]), np.float32)
+            if kept:
+                old = np.load(path, mmap_mode="r")
+                for rows in np.array_split(np.arange(kept), max(1, kept // 512)):
+                    trunk[rows] = old[rows]
+                stats[:kept] = np.load(path.with_name(path.stem + "_stats.npy"))
+                del old
         trunk[i], stats[i] = out.numpy(), pooled.numpy()
         if progress:
             progress.update(task_id, advance=1)
     if progress:
         progress.remove_task(task_id)
-    speed = len(dataset) / (time.perf_counter() - start)
+    speed = (len(ids) - kept) / (time.perf_counter() - start)
     trunk.flush()
     del trunk
     np.save(path.with_name(path.stem + "_stats.npy"), stats)
