@@ -174,12 +174,17 @@ def test_a_trunk_cache_of_the_first_images_is_extended_to_the_same_rows_a_fresh_
         return np.asarray(trunk), stats
 
     fresh = cache(5, tmp_path / "fresh" / "trunk.npy")
-    cache(3, tmp_path / "grown" / "trunk.npy")
+    cache(3, tmp_path / "first" / "trunk.npy")
+    (tmp_path / "grown").mkdir()
+    for name in ("trunk.npy", "trunk_stats.npy", "trunk.json"):  # a run started from another run's cache
+        (tmp_path / "grown" / name).hardlink_to(tmp_path / "first" / name)
     computed = []
     real_views = trainer.tuned.training_views
     monkeypatch.setattr(trainer.tuned, "training_views", lambda a, *r: computed.append(a) or real_views(a, *r))
     grown = cache(5, tmp_path / "grown" / "trunk.npy")
     assert len(computed) == 2  # only the two new images went through the trunk
+    first_key = json.loads(json.loads((tmp_path / "first" / "trunk.json").read_text())["key"])
+    assert len(np.load(tmp_path / "first" / "trunk_stats.npy")) == 3 and len(first_key["ids"]) == 3  # untouched
     np.testing.assert_array_equal(grown[0], fresh[0])
     np.testing.assert_array_equal(grown[1], fresh[1])
     computed.clear()

@@ -189,9 +189,14 @@ def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter
     speed = (len(ids) - kept) / (time.perf_counter() - start)
     trunk.flush()
     del trunk
-    np.save(path.with_name(path.stem + "_stats.npy"), stats)
+    # each file is written beside its place, then moved there: a cut run leaves the old cache whole, and a cache
+    # hard-linked from another run is replaced here, never written through
+    np.save(path.with_name(path.stem + "_stats.tmp.npy"), stats)
+    meta.with_suffix(".tmp").write_text(json.dumps({"key": key, "images_per_s": speed}))
+    meta.unlink(missing_ok=True)  # a cut from here on: no key, so the cache is recomputed, never mismatched
+    os.replace(path.with_name(path.stem + "_stats.tmp.npy"), path.with_name(path.stem + "_stats.npy"))
     os.replace(path.with_name(path.stem + ".tmp.npy"), path)
-    meta.write_text(json.dumps({"key": key, "images_per_s": speed}))
+    os.replace(meta.with_suffix(".tmp"), meta)
     return np.load(path, mmap_mode="r"), stats, speed
 
 
