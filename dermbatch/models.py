@@ -98,7 +98,9 @@ class MultiStageClassifier(nn.Module):
 
 
 class SharedBackboneFolds(nn.Module):
-    """Fold models that differ only in their classifier: the features once, then each fold's classifier.
+    """Fold models whose backbones agree up to some depth: that part once, then each fold's own rest. A frozen
+    shared backbone (``--frozen-backbone``) agrees everywhere: the features once, then each fold's classifier;
+    ``--tune-stages K`` folds agree on the stem and stages 0..K-1: those once, then each fold's stages and head.
 
     ``forward`` returns the folds' logits stacked, (F, N, K), as running every fold would.
     """
@@ -106,18 +108,43 @@ class SharedBackboneFolds(nn.Module):
     def __init__(self, models: list[MultiStageClassifier]):
         super().__init__()
         self.folds = nn.ModuleList(models)
+        self.stages = shared_stages(models)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.folds[0].features(x)
-        return torch.stack([model.classifier(features) for model in self.folds])
+        first = self.folds[0]
+        if self.stages > len(first.backbone.blocks):  # the whole backbone, head included
+            features = first.features(x)
+            return torch.stack([model.classifier(features) for model in self.folds])
+        out, pooled = first.trunk(x, self.stages)
+        return torch.stack([model.classifier(model.features_from(out, pooled, self.stages)) for model in self.folds])
+
+
+def _same(modules: list[nn.Module]) -> bool:
+    first = modules[0].state_dict()
+    return all(first.keys() == m.state_dict().keys() and all(torch.equal(first[k], v) for k, v in
+                                                                  m.state_dict().items()) for m in modules[1:])
+
+
+def shared_stages(models: list[nn.Module]) -> int | None:
+    """How many leading block stages two or more multistage classifiers share after their shared stem (identical
+    weights), one more when the head convolution is shared as well; None when not even the stem is."""
+    if len(models) < 2 or not all(isinstance(m, MultiStageClassifier) for m in models):
+        return None
+    backbones = [m.backbone for m in models]
+    if not (_same([b.conv_stem for b in backbones]) and _same([b.bn1 for b in backbones])):
+        return None
+    stages = 0
+    while stages < len(backbones[0].blocks) and _same([b.blocks[stages] for b in backbones]):
+        stages += 1
+    if stages == len(backbones[0].blocks) and _same([b.conv_head for b in backbones]) \
+            and _same([b.bn2 for b in backbones]):
+        stages += 1
+    return stages
 
 
 def shares_backbone(models: list[nn.Module]) -> bool:
-    """True for two or more multistage classifiers with identical backbone weights (a frozen shared backbone)."""
-    if len(models) < 2 or not all(isinstance(m, MultiStageClassifier) for m in models):
-        return False
-    first = models[0].backbone.state_dict()
-    return all(all(torch.equal(first[k], v) for k, v in m.backbone.state_dict().items()) for m in models[1:])
+    """True for two or more multistage classifiers that share at least their stem."""
+    return shared_stages(models) is not None
 
 
 def _build_multistage(spec: ModelSpec, num_classes: int) -> nn.Module:

@@ -34,8 +34,9 @@ def tiny_bundle(tmp_path_factory):
     return create_random_bundle(root, seg, cls, CropSpec(margin=0.1), name="tiny-test")
 
 
-def shared_backbone_bundle(root):
-    """A 2-fold multistage-classifier bundle whose backbone is stored once, as training with a frozen one does."""
+def shared_backbone_bundle(root, tuned_from: int | None = None):
+    """A 2-fold multistage-classifier bundle whose backbone is stored once, as training with a frozen one does;
+    with ``tuned_from=K`` each fold has its own block stages K.. and head convolution, as ``--tune-stages K``."""
     import torch
 
     from dermbatch.bundle import CLASSES, build_manifest, load_bundle, save_weights, write_manifest
@@ -45,11 +46,15 @@ def shared_backbone_bundle(root):
                      (0, 1))
     torch.manual_seed(0)
     state = build_model(spec).state_dict()
+    own = tuple(f"backbone.blocks.{k}." for k in range(tuned_from, 99)) + ("backbone.conv_head.", "backbone.bn2.") \
+        if tuned_from is not None else ()
     weights = dict([save_weights(root, "classification", None,
-                                 {k: v for k, v in state.items() if not k.startswith("classifier.")})])
+                                 {k: v for k, v in state.items() if not k.startswith(("classifier.", *own))})])
     for fold in spec.folds:
         head = {"classifier.weight": torch.randn(len(CLASSES), state["classifier.weight"].shape[1]),
                 "classifier.bias": torch.randn(len(CLASSES))}
+        head |= {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in state.items() if k.startswith(own) and own}
         weights.update([save_weights(root, "classification", fold, head)])
     write_manifest(root, build_manifest(None, spec, CropSpec(), weights, "shared"))
     return load_bundle(root), state

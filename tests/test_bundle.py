@@ -142,16 +142,19 @@ def test_multistage_classifier_reads_the_mean_and_std_of_every_stage():
         MultiStageClassifier("mobilenetv3_small_050", 7)
 
 
-def test_torch_backend_computes_shared_features_once_with_each_folds_classifier(tmp_path):
+@pytest.mark.parametrize("tuned_from", [None, 3, 0])
+def test_torch_backend_computes_shared_features_once_with_each_folds_classifier(tmp_path, tuned_from):
     import numpy as np
 
     from dermbatch.backends.torch import TorchBackend
     from dermbatch.models import SharedBackboneFolds
 
-    bundle, _ = shared_backbone_bundle(tmp_path)
+    bundle, _ = shared_backbone_bundle(tmp_path, tuned_from)
     backend = TorchBackend(bundle, "cpu", {"classification": (0, 1)})
     assert len(backend.models["classification"]) == 1
-    assert isinstance(backend.models["classification"][0], SharedBackboneFolds)
+    shared = backend.models["classification"][0]
+    assert isinstance(shared, SharedBackboneFolds)  # the stem at least is the same in both folds
+    assert shared.stages == {None: 6, 3: 3, 0: 0}[tuned_from]  # 5 block stages; 6: the head convolution too
     x = np.random.default_rng(0).normal(size=(6, 3, 64, 64)).astype(np.float32)  # more than one chunk of 4
     with torch.no_grad():
         expected = np.stack([load_fold_model(bundle, "classification", f)(torch.from_numpy(x)).numpy() for f in (0, 1)])

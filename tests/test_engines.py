@@ -204,20 +204,25 @@ def test_openvino_refuses_bf16_on_a_cpu_without_it_and_a_gpu_device(engine_bundl
         OpenVinoBackend(load_bundle(engine_bundle), "cpu", {"segmentation": (0, 1)}, precision="bf16")
 
 
-def test_folds_sharing_a_frozen_backbone_export_one_feature_pass(tmp_path):
+@pytest.mark.parametrize("tuned_from", [None, 3])
+def test_folds_sharing_a_frozen_backbone_export_one_feature_pass(tmp_path, tuned_from):
     pytest.importorskip("onnxruntime")
     import onnx
 
     from engines.export import compare, export_module, load_stacked
     from tests.conftest import shared_backbone_bundle
 
-    bundle, _ = shared_backbone_bundle(tmp_path / "b")
+    bundle, _ = shared_backbone_bundle(tmp_path / "b", tuned_from)
     stacked = load_stacked(bundle, "classification", (0, 1))
     assert stacked.shared is not None
     path = export_module(stacked, (64, 64), tmp_path / "cls.onnx")
     convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
     single = export_module(load_stacked(bundle, "classification", (0,)), (64, 64), tmp_path / "one.onnx")
-    assert len(convs) == len([n for n in onnx.load(str(single)).graph.node if n.op_type == "Conv"])
+    backbone = stacked.folds[1].backbone  # the second fold adds only the convolutions it does not share
+    own = 0 if tuned_from is None else sum(isinstance(m, torch.nn.Conv2d) for part in
+                                           (*backbone.blocks[tuned_from:], backbone.conv_head) for m in part.modules())
+    assert (own > 0) == (tuned_from is not None)
+    assert len(convs) == len([n for n in onnx.load(str(single)).graph.node if n.op_type == "Conv"]) + own
     x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
     per_fold = np.stack([stacked.folds[f](torch.from_numpy(x)).detach().numpy() for f in (0, 1)])
     assert not np.allclose(per_fold[0], per_fold[1])

@@ -108,6 +108,9 @@ def test_tuned_stages_train_beats_chance_and_its_oof_rows_are_the_bundles_output
         probs = softmax(classify_with_tta(lambda b: model(torch.from_numpy(b)).numpy()[None], x, spec.tta))
     expected = np.array([[float(held[i.image_id][c]) for c in CLASSES] for i in items])
     np.testing.assert_allclose(probs, expected, atol=2e-5)
+    from dermbatch.backends.torch import TorchBackend
+    backend = TorchBackend(bundle, "cpu", {"classification": (0, 1)})
+    assert [m.stages for m in backend.models["classification"]] == [4]  # run: the frozen stages once for all folds
     tuned = json.loads((out / "bundle.json").read_text())["provenance"]["classification"]["tuned_stages"]
     assert set(tuned["prior_tau"]) == {"0", "1"} and all(t in PRIOR_GRID for t in tuned["prior_tau"].values())
     assert set(tuned["temperature"]) == {"0", "1"} and all(0.25 <= t <= 4 for t in tuned["temperature"].values())
