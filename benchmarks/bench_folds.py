@@ -55,6 +55,7 @@ def main() -> None:
         raise SystemExit(f"{bundle.path}: its classifier folds share nothing; nothing to compare")
     shared = SharedBackboneFolds(models).eval().to(memory_format=torch.channels_last)
     x = inputs(args.images, spec)
+
     def tensor(b: np.ndarray) -> torch.Tensor:  # channels_last, as the torch backend runs
         return torch.from_numpy(b).contiguous(memory_format=torch.channels_last)
 

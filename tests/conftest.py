@@ -54,7 +54,7 @@ def shared_backbone_bundle(root, tuned_from: int | None = None):
         head = {"classifier.weight": torch.randn(len(CLASSES), state["classifier.weight"].shape[1]),
                 "classifier.bias": torch.randn(len(CLASSES))}
         head |= {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-                 for k, v in state.items() if k.startswith(own) and own}
+                 for k, v in state.items() if k.startswith(own)}
         weights.update([save_weights(root, "classification", fold, head)])
     write_manifest(root, build_manifest(None, spec, CropSpec(), weights, "shared"))
     return load_bundle(root), state
