@@ -120,9 +120,8 @@ class SharedBackboneFolds(nn.Module):
 
 
 def _same(modules: list[nn.Module]) -> bool:
-    first = modules[0].state_dict()
-    return all(first.keys() == m.state_dict().keys() and all(torch.equal(first[k], v) for k, v in
-                                                                  m.state_dict().items()) for m in modules[1:])
+    first, *others = (m.state_dict() for m in modules)
+    return all(first.keys() == o.keys() and all(torch.equal(first[k], v) for k, v in o.items()) for o in others)
 
 
 def shared_stages(models: list[nn.Module]) -> int | None:

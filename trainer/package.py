@@ -16,6 +16,7 @@ import numpy as np
 
 from dermbatch.bundle import TASKS, load_bundle, save_weights, write_manifest
 from dermbatch.errors import UsageError
+from dermbatch.models import LOW_RANK as LOW_RANK_KEYS
 from dermbatch.predictor import Predictor
 from trainer.card import write_model_card
 
@@ -59,8 +60,9 @@ def pack_bundle(src: Path, dst: Path, half: tuple[str, ...] = TASKS, check_image
         for fold in source.spec(task).folds:
             state = source.read_weights(task, fold, shared=False)
             if LOW_RANK in half:  # the factors of a fine-tuned fold's update: small next to the weights they change
-                low_rank[task] |= any(k.endswith((".lora_a", ".lora_b")) for k in state)
-                state = {k: v.half() if k.endswith((".lora_a", ".lora_b")) else v for k, v in state.items()}
+                factors = {k for k in state if k.endswith(LOW_RANK_KEYS)}
+                low_rank[task] |= bool(factors)
+                state = {k: v.half() if k in factors else v for k, v in state.items()}
             file, digest = save_weights(dst, task, fold, state, half=task in half)
             weights[file] = digest
     for item in COPIED:
