@@ -122,6 +122,17 @@ class Browser:
     def js(self, script: str):
         return self.driver.execute_script(script)
 
+    def load_images(self, selector: str, timeout: float = 20.0) -> tuple[int, int]:
+        """Load every image matching ``selector`` now (``loading="lazy"`` ones below the fold wait for a scroll
+        otherwise) and wait until each has finished; return (decoded to a picture, all)."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.js(f"document.querySelectorAll({selector!r}).forEach(i => {{ i.loading = 'eager'; }})")
+        WebDriverWait(self.driver, timeout).until(
+            lambda d: d.execute_script(f"return [...document.querySelectorAll({selector!r})].every(i => i.complete)"))
+        return (self.js(f"return [...document.querySelectorAll({selector!r})].filter(i => i.naturalWidth > 0).length"),
+                self.js(f"return document.querySelectorAll({selector!r}).length"))
+
     def screenshot(self, path: Path) -> np.ndarray:
         self.driver.save_screenshot(str(path))
         return cv2.imread(str(path))

@@ -77,9 +77,8 @@ def test_report_of_a_real_run_renders_in_chromium(tiny_bundle, browser, tmp_path
     assert errors == []
     assert browser.js("return document.querySelectorAll('#gallery .card').length") == 13
     assert browser.js("return document.querySelectorAll('#gallery .card.error').length") == 1
-    loaded = browser.js("return [...document.querySelectorAll('#gallery img')].filter(i => i.complete && "
-                        "i.naturalWidth > 0).length")
-    assert loaded >= 12  # lazy images below the fold may not be loaded yet
+    loaded, shown = browser.load_images("#gallery img")  # lazy ones below the fold: scrolled to, then waited for
+    assert shown >= 12 and loaded == shown
     # filtering by class shows exactly the images predicted as that class
     predicted = [r["prediction"] for r in csv.DictReader(open(tmp_path / "r_details.csv")) if r["status"] == "ok"]
     top = max(set(predicted), key=predicted.count)
