@@ -115,6 +115,9 @@ def test_tuned_stages_train_beats_chance_and_its_oof_rows_are_the_bundles_output
     assert set(tuned["prior_tau"]) == {"0", "1"} and all(t in PRIOR_GRID for t in tuned["prior_tau"].values())
     assert set(tuned["temperature"]) == {"0", "1"} and all(0.25 <= t <= 4 for t in tuned["temperature"].values())
     assert "logit adjustment" in (out / "README.md").read_text()
+    # the held-out check is logged after the last epoch only; the inner model's is prior_correction's own pass
+    assert [r["val_balanced_accuracy"] != "" for r in _rows(out / "logs" / "cls_fold0.csv")] == [False, True]
+    assert [r["val_balanced_accuracy"] for r in _rows(out / "logs" / "cls_fold0_inner.csv")] == [""]
 
     # --resume: fold 1 again from its cached trunk, never recomputed
     monkeypatch.setattr(trainer.tuned, "training_views", lambda *a, **k: pytest.fail("trunk recomputed"))

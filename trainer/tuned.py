@@ -238,9 +238,10 @@ def linear_probe(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarr
 
 
 def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, loss_fn, cfg, fold: int,
-            checkpoint: Path, log_csv: Path, resume: bool, check_rows: np.ndarray, progress=None) -> None:
+            checkpoint: Path, log_csv: Path, resume: bool, check_rows: np.ndarray | None, progress=None) -> None:
     """The fold's epochs over cached views: AdamW, head at ``cfg.lr``, the rest at ``lr * backbone_lr_mult``,
-    the per-step schedule of ``cfg.schedule``; a checkpoint after every epoch."""
+    the per-step schedule of ``cfg.schedule``; a checkpoint after every epoch. ``check_rows`` are scored after the
+    last epoch only, for the log (none chosen by it): scoring them every epoch cost as much as training did."""
     head = [top.model.classifier.weight, top.model.classifier.bias]
     body = [p for p in top.parameters() if p.requires_grad and all(p is not h for h in head)]
     optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult},
@@ -280,15 +281,17 @@ def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, l
         seconds = time.perf_counter() - start
         if progress:
             progress.remove_task(task_id)
-        check = classification_metrics(cached_flip_probs(top, trunk, stats, check_rows), labels[check_rows])
+        check = classification_metrics(cached_flip_probs(top, trunk, stats, check_rows), labels[check_rows]) \
+            if check_rows is not None and epoch + 1 == cfg.epochs else {"balanced_accuracy": "", "macro_auc": ""}
         row = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
                "val_balanced_accuracy": check["balanced_accuracy"], "val_macro_auc": check["macro_auc"],
                "lr": base_lrs[-1] * factor, "seconds": seconds,
                "train_images_per_s": steps_per_epoch * cfg.batch_size / seconds}
         _append_csv(log_csv, row)
-        log.info("classification fold %d epoch %d: train loss %.4f, held-out BA %.4f AUC %.4f (logged, not used "
-                 "to choose), %.0f img/s", fold, epoch + 1, row["train_loss"], row["val_balanced_accuracy"],
-                 row["val_macro_auc"], row["train_images_per_s"])
+        scored = f", held-out BA {check['balanced_accuracy']:.4f} AUC {check['macro_auc']:.4f} (logged, not used " \
+            "to choose)" if check["balanced_accuracy"] != "" else ""
+        log.info("classification fold %d epoch %d: train loss %.4f%s, %.0f img/s", fold, epoch + 1,
+                 row["train_loss"], scored, row["train_images_per_s"])
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"top": top.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1},
                    checkpoint.with_name(checkpoint.name + ".tmp"))
@@ -351,7 +354,7 @@ def prior_correction(opts, base, trunk, stats, rows: np.ndarray, items: list, fo
     cfg = replace(opts.fit, epochs=max(1, opts.fit.epochs // 2))
     fit_top(top, trunk, stats, inner_train, labels, make_loss(opts, [items[i] for i in inner_train]),
             cfg, fold, opts.out / "checkpoints" / f"cls_fold{fold}_inner.pt",
-            opts.out / "logs" / f"cls_fold{fold}_inner.csv", False, inner_val, progress)
+            opts.out / "logs" / f"cls_fold{fold}_inner.csv", False, None, progress)
     probs = cached_flip_probs(top, trunk, stats, inner_val)
     prior = np.maximum(np.bincount(labels[inner_train], minlength=len(CLASSES)) / len(inner_train), 1e-6)
     temperature, tau, scores = inner_calibration(probs, labels[inner_val], prior)
