@@ -147,7 +147,7 @@ def train_command(
       dermbatch train --data isic2018/ --out my-bundle --folds 5
       dermbatch train --task seg --images isic/images --masks isic/masks --out my-bundle --input-size 128
       dermbatch train --task cls --images ham/images --labels ham/labels.csv --masks ham/masks --out my-bundle \\
-          --input-size 128 --tune-stages 4 --lora-rank 6 --prior-correction --epochs 10 --batch-size 64 --lr 1e-3 \\
+          --input-size 128 --tune-stages 3 --lora-rank 6 --prior-correction --epochs 10 --batch-size 64 --lr 1e-3 \\
           --backbone-lr-mult 1        # the default bundle's classifier
       dermbatch train --task cls --images ham/images --labels ham/labels.csv --out my-bundle --frozen-backbone
       dermbatch train --task cls ... --out my-bundle --resume      # continue after an interruption
