@@ -196,3 +196,23 @@ def test_a_trunk_cache_of_the_first_images_is_extended_to_the_same_rows_a_fresh_
     computed.clear()
     cache(4, tmp_path / "grown" / "trunk.npy")  # not an extension of the five: computed afresh
     assert len(computed) == 4
+
+
+def test_trunk_cache_made_by_worker_processes_equals_the_one_made_in_process(tmp_path):
+    from dermbatch.bundle import IMAGENET_MEAN, IMAGENET_STD, CropSpec
+    from trainer.data import cls_items
+    from trainer.dataset import TrainingSet
+    from trainer.tuned import cache_trunk
+
+    real_images(HAM, 1)
+    items = cls_items(HAM / "images", HAM / "labels.csv", HAM / "masks")[:6]
+    spec = ModelSpec("classification", "timm-multistage", "test_efficientnet", (32, 32), IMAGENET_MEAN,
+                     IMAGENET_STD, (0,))
+    model = MultiStageClassifier("test_efficientnet", 7).eval()
+    data = TrainingSet(items, "classification", spec, CropSpec(), tmp_path / "crops", False)
+    alone = [np.asarray(a) for a in cache_trunk(model, spec, data, 2, 3, 0, tmp_path / "alone" / "t.npy")[:2]]
+    pooled = [np.asarray(a) for a in cache_trunk(model, spec, data, 2, 3, 0, tmp_path / "pool" / "t.npy",
+                                                 workers=2)[:2]]
+    assert alone[0].shape[:2] == (6, 8 + 3) and np.abs(alone[0]).max() > 0
+    np.testing.assert_array_equal(pooled[0], alone[0])
+    np.testing.assert_array_equal(pooled[1], alone[1])

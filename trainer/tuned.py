@@ -18,6 +18,10 @@ hundred kB; the ImageNet backbone is stored once in ``cls_shared.safetensors``):
 The schedule is fixed (no epoch is chosen on the held-out fold), and the out-of-fold predictions are made
 with the fold's merged model on the exact crops with the bundle's TTA, as ``dermbatch run`` makes them.
 Every epoch is checkpointed; ``--resume`` continues a fold where it stopped.
+
+On ``--device cuda`` the trunk, the tuned stages and the out-of-fold pass run on the GPU (training steps in
+bfloat16 autocast); ``--workers`` processes make the cached views in parallel on any device. The draws are the
+same on every device: they come from CPU generators seeded by (seed, fold, epoch, image).
 """
 
 from __future__ import annotations
@@ -68,6 +72,32 @@ def training_views(arrays: dict, spec: ModelSpec, jitter: int, rng: np.random.Ge
         crop = resize_rgb(jitter_crop(rng, arrays["loose"], float(arrays["inner"])), spec.input_size)
         views.append(photometric(rng, d4_view(crop, int(rng.integers(D4_VIEWS)))))
     return np.stack([normalize(v, spec) for v in views])
+
+
+class _Views(torch.utils.data.Dataset):
+    """Image ``start + i``'s training views (``training_views``), drawn from its own generator: the same in any
+    worker process and in any order."""
+
+    def __init__(self, dataset: TrainingSet, spec: ModelSpec, jitter: int, seed: int, start: int):
+        self.dataset, self.spec, self.jitter, self.seed, self.start = dataset, spec, jitter, seed, start
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.start
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        row = self.start + i
+        rng = np.random.default_rng([self.seed, 17, row])
+        return torch.from_numpy(training_views(self.dataset.arrays(row), self.spec, self.jitter, rng))
+
+
+def autocast(device: str):
+    """bfloat16 autocast on CUDA (mixed precision); nothing on the CPU (no bf16 units here)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+
+def _on(array, device: str) -> torch.Tensor:
+    """A float32 tensor on ``device`` from cached fp16 rows (converted there: half the bytes to move)."""
+    return torch.from_numpy(np.asarray(array)).to(device).float()
 
 
 class LowRankConv(nn.Module):
@@ -142,11 +172,12 @@ def shared_state(model, fold_keys: set[str]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter: int, seed: int, path: Path,
-                progress=None) -> tuple[np.ndarray, np.ndarray, float]:
+                progress=None, device: str = "cpu", workers: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
     """(trunk outputs (N, V, C, h, w) fp16, pooled stage statistics (N, V, D) fp32, images/s): read from
     ``path`` when made with the same settings for the same images, else computed (and saved there). A cache made
     with the same settings for the first images only (e.g. before ``--extra-images`` were added) keeps those
-    rows and computes the rest: every image's views are drawn from (seed, its row), so the rows are the same."""
+    rows and computes the rest: every image's views are drawn from (seed, its row), so the rows are the same.
+    The trunk runs on ``device``; ``workers`` processes make the views."""
     settings = json.loads(json.dumps({"spec": asdict(spec) | {"folds": None}, "stage": stage, "jitter": jitter,
                                       "seed": seed}, default=str))
     ids = [i.image_id for i in dataset.items]
@@ -163,13 +194,15 @@ def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter
     if kept:
         log.info("classification: keeping the cached trunk outputs of the first %d images in %s, computing %d more",
                  kept, path, len(ids) - kept)
-    model.eval()
+    model = copy.deepcopy(model).to(device).eval()
     views = D4_VIEWS + jitter
     task_id = progress.add_task("classification: frozen trunk, once", total=len(ids) - kept) if progress else None
     start, trunk, stats = time.perf_counter(), None, None
-    for i in range(kept, len(dataset)):
-        rng = np.random.default_rng([seed, 17, i])
-        out, pooled = model.trunk(torch.from_numpy(training_views(dataset.arrays(i), spec, jitter, rng)), stage)
+    loader = torch.utils.data.DataLoader(_Views(dataset, spec, jitter, seed, kept), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4 if workers else None)
+    for i, x in enumerate(loader, kept):
+        out, pooled = model.trunk(x.to(device), stage)
+        out, pooled = out.cpu(), pooled.cpu()
         if trunk is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             trunk = np.lib.format.open_memmap(path.with_name(path.stem + ".tmp.npy"), mode="w+", dtype=np.float16,
@@ -200,21 +233,27 @@ def cache_trunk(model, spec: ModelSpec, dataset: TrainingSet, stage: int, jitter
     return np.load(path, mmap_mode="r"), stats, speed
 
 
-def _batches(trunk, stats, rows: np.ndarray, view: int, size: int = 256):
+def _batches(trunk, stats, rows: np.ndarray, view: int, size: int = 256, device: str = "cpu"):
     for start in range(0, len(rows), size):
         idx = rows[start:start + size]
-        yield torch.from_numpy(np.asarray(trunk[idx, view], np.float32)), torch.from_numpy(stats[idx, view])
+        yield _on(trunk[idx, view], device), torch.from_numpy(stats[idx, view]).to(device)
+
+
+def _device(top: nn.Module) -> str:
+    return str(next(top.parameters()).device)
 
 
 @torch.no_grad()
 def _features(top: TunedTop, trunk, stats, rows: np.ndarray, view: int) -> torch.Tensor:
-    return torch.cat([top.features(x, p) for x, p in _batches(trunk, stats, rows, view)])
+    return torch.cat([top.features(x, p).cpu() for x, p in _batches(trunk, stats, rows, view, device=_device(top))])
 
 
 @torch.no_grad()
 def cached_flip_probs(top: TunedTop, trunk, stats, rows: np.ndarray) -> np.ndarray:
     """Probabilities averaged in logit space over the flip views (a quick per-epoch check, not the OOF)."""
-    logits = sum(torch.cat([top(x, p) for x, p in _batches(trunk, stats, rows, v)]) for v in FLIP_VIEWS)
+    device = _device(top)
+    logits = sum(torch.cat([top(x, p).cpu() for x, p in _batches(trunk, stats, rows, v, device=device)])
+                 for v in FLIP_VIEWS)
     return torch.softmax(logits / len(FLIP_VIEWS), 1).numpy()
 
 
@@ -226,7 +265,7 @@ def linear_probe(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarr
     feats = _features(top, trunk, stats, rows, 0)
     top.mu.copy_(feats.mean(0))
     top.sd.copy_(feats.std(0) + 1e-3)
-    x = ((feats - top.mu) / top.sd).numpy()
+    x = ((feats - feats.mean(0)) / (feats.std(0) + 1e-3)).numpy()
     counts = np.bincount(labels, minlength=len(CLASSES))
     present = np.flatnonzero(counts)
     probe = LogisticRegression(C=PROBE_C, max_iter=2000, random_state=seed,
@@ -240,8 +279,11 @@ def linear_probe(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarr
 def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, loss_fn, cfg, fold: int,
             checkpoint: Path, log_csv: Path, resume: bool, check_rows: np.ndarray | None, progress=None) -> None:
     """The fold's epochs over cached views: AdamW, head at ``cfg.lr``, the rest at ``lr * backbone_lr_mult``,
-    the per-step schedule of ``cfg.schedule``; a checkpoint after every epoch. ``check_rows`` are scored after the
-    last epoch only, for the log (none chosen by it): scoring them every epoch cost as much as training did."""
+    the per-step schedule of ``cfg.schedule``, on ``cfg.device``; a checkpoint after every epoch. ``check_rows``
+    are scored after the last epoch only, for the log (none chosen by it): scoring them every epoch cost as much
+    as training did."""
+    top.to(cfg.device)
+    loss_fn.to(cfg.device)
     head = [top.model.classifier.weight, top.model.classifier.bias]
     body = [p for p in top.parameters() if p.requires_grad and all(p is not h for h in head)]
     optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult},
@@ -250,7 +292,7 @@ def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, l
     steps_per_epoch = max(1, len(rows) // cfg.batch_size)
     first = 0
     if resume and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = torch.load(checkpoint, map_location=cfg.device, weights_only=True)
         top.load_state_dict(saved["top"])
         optimizer.load_state_dict(saved["optimizer"])
         first = int(saved["epoch"])
@@ -270,8 +312,10 @@ def fit_top(top: TunedTop, trunk, stats, rows: np.ndarray, labels: np.ndarray, l
                 group["lr"] = base * factor
             batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
             idx, v = order[batch], chosen[batch]
-            x = torch.from_numpy(np.asarray(trunk[idx, v], np.float32))
-            loss = loss_fn(top(x, torch.from_numpy(stats[idx, v])), torch.from_numpy(labels[idx]))
+            x, pooled = _on(trunk[idx, v], cfg.device), torch.from_numpy(stats[idx, v]).to(cfg.device)
+            with autocast(cfg.device):
+                logits = top(x, pooled)
+            loss = loss_fn(logits.float(), torch.from_numpy(labels[idx]).to(cfg.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -348,7 +392,7 @@ def prior_correction(opts, base, trunk, stats, rows: np.ndarray, items: list, fo
     inner_train = np.concatenate([rows[own][inner_train], rows[~own]])
     inner_val = rows[own][inner_val]
     top = TunedTop(copy.deepcopy(base), opts.tune_stages, opts.lora_rank,
-                   derived_seed(opts.fit.seed, fold, 1, 6) % 2**31, opts.tune_depthwise)
+                   derived_seed(opts.fit.seed, fold, 1, 6) % 2**31, opts.tune_depthwise).to(opts.fit.device)
     linear_probe(top, trunk, stats, inner_train, labels[inner_train], opts.fit.seed)
     (opts.out / "logs" / f"cls_fold{fold}_inner.csv").unlink(missing_ok=True)
     cfg = replace(opts.fit, epochs=max(1, opts.fit.epochs // 2))
@@ -377,7 +421,8 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
     everything = [*opts.items, *opts.extra_items]  # the extra images: training side of every fold only
     dataset = TrainingSet(everything, opts.task, spec, opts.crop, cache, False, opts.fit.seed, opts.preprocessing)
     trunk, stats, speed = cache_trunk(base, spec, dataset, stage, opts.jitter_views, opts.fit.seed,
-                                      opts.out / "checkpoints" / "cls_trunk.npy", progress)
+                                      opts.out / "checkpoints" / "cls_trunk.npy", progress, opts.fit.device,
+                                      opts.fit.workers)
     labels = np.array([i.label for i in everything])
     folds = np.array([fold_of[i.image_id] for i in opts.items] + [-1] * len(opts.extra_items))
     fold_keys = set(TunedTop(copy.deepcopy(base), stage, opts.lora_rank, 0, opts.tune_depthwise).fold_state())
@@ -397,7 +442,7 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
         log.info("classification fold %d: %d training, %d held-out images; stages %d.. tuned (rank %d%s)", fold,
                  len(rows), len(held), stage, opts.lora_rank, ", depthwise kernels" if opts.tune_depthwise else "")
         seed = derived_seed(opts.fit.seed, fold, 0, 6) % 2**31
-        top = TunedTop(copy.deepcopy(base), stage, opts.lora_rank, seed, opts.tune_depthwise)
+        top = TunedTop(copy.deepcopy(base), stage, opts.lora_rank, seed, opts.tune_depthwise).to(opts.fit.device)
         checkpoint = opts.out / "checkpoints" / f"cls_fold{fold}_tuned.pt"
         log_csv = opts.out / "logs" / f"cls_fold{fold}.csv"
         temperature, tau = prior_correction(opts, base, trunk, stats, rows, everything, fold, progress) \
@@ -419,7 +464,7 @@ def train_tuned(opts, spec: ModelSpec, fold_of: dict[str, int], done: list[int],
         model.load_state_dict(merge_low_rank(shared | state))
         held_set = TrainingSet([opts.items[i] for i in held], opts.task, spec, opts.crop, cache, False,
                                opts.fit.seed, opts.preprocessing)
-        oof = classification_oof(model, spec, held_set, opts.fit.device)
+        oof = classification_oof(model.to(opts.fit.device), spec, held_set, opts.fit.device)
         write_rows(opts.out / "oof" / f"cls_fold{fold}.csv", oof, fold)
         name, digest = save_weights(opts.out, opts.task, fold, state)
         weights[name] = digest
