@@ -130,7 +130,8 @@ def train_command(
         help="Gamma correction stored in the bundle and applied by run (1: off)."),
     limit: int | None = typer.Option(None, metavar="N", help="Use a seeded random subset of N images (quick runs)."),
     seed: int = typer.Option(0, metavar="N"),
-    workers: int = typer.Option(2, min=0, metavar="N", help="Data-loading worker processes."),
+    workers: int = typer.Option(2, min=0, metavar="N",
+        help="Data-loading worker processes (with --tune-stages: the processes that make the cached views)."),
     device: str = typer.Option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
     cache: Path | None = typer.Option(None, metavar="DIR", help="Decode cache [default: ~/.cache/dermbatch/train]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its checkpoints."),
@@ -149,6 +150,8 @@ def train_command(
       dermbatch train --task cls --images ham/images --labels ham/labels.csv --masks ham/masks --out my-bundle \\
           --input-size 128 --tune-stages 3 --lora-rank 6 --prior-correction --epochs 10 --batch-size 64 --lr 1e-3 \\
           --backbone-lr-mult 1        # the default bundle's classifier
+      dermbatch train --task cls ... --out my-bundle --tune-stages 3 --input-size 224 --epochs 20 \\
+          --batch-size 128 --device cuda --workers 14     # the same recipe on a GPU (bfloat16 autocast)
       dermbatch train --task cls --images ham/images --labels ham/labels.csv --out my-bundle --frozen-backbone
       dermbatch train --task cls ... --out my-bundle --resume      # continue after an interruption
       dermbatch train --task seg --images isic/images --masks isic/masks --out my-bundle --nproc 2
