@@ -84,7 +84,8 @@ def _tuned(plan, spec, model, dataset):
     from trainer.tuned import TunedTop, cache_trunk, linear_probe
 
     trunk, stats, _ = cache_trunk(model, spec, dataset, plan.tune_stages, plan.jitter_views, plan.fit.seed,
-                                  Path(tempfile.mkdtemp(prefix="dermbatch-lr-find-")) / "trunk.npy")
+                                  Path(tempfile.mkdtemp(prefix="dermbatch-lr-find-")) / "trunk.npy", None,
+                                  plan.fit.device, plan.fit.workers)
     top = TunedTop(model, plan.tune_stages, plan.lora_rank, plan.fit.seed, plan.tune_depthwise)
     labels = np.array([i.label for i in plan.items])
     linear_probe(top, trunk, stats, np.arange(len(labels)), labels, plan.fit.seed)
