@@ -28,7 +28,7 @@ from dermbatch import __version__
 from dermbatch.bundle import load_bundle
 from dermbatch.errors import BackendError, UsageError
 from dermbatch.inputs import InputImage
-from dermbatch.predictor import Predictor, parse_folds
+from dermbatch.predictor import Predictor, parse_crop_scales, parse_folds
 from dermbatch.result import Result
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class RayPredictor:
     actor_class = PredictActor  # benchmarks/bench_ray.py swaps in a stub to measure the driver's own ceiling
 
     def __init__(self, cluster: ClusterOptions, *, model=None, backend="auto", device="auto", tta=None, folds="all",
-                 batch_size=8, workers=2, precision=None, first_use=None):
+                 batch_size=8, workers=2, precision=None, first_use=None, crop_scales="1"):
         require_ray()
         import ray
 
@@ -106,8 +106,9 @@ class RayPredictor:
         self.bundle = load_bundle(model)  # checked here, once: a bad --model fails before the cluster is touched
         self.folds = parse_folds(folds, self.bundle)
         self.seconds: dict[str, float] = defaultdict(float)
+        parse_crop_scales(crop_scales)  # a bad value fails here, before the cluster is touched
         self.predictor_options = {"model": model, "backend": backend, "device": device, "tta": tta,
-                                  "folds": folds, "batch_size": batch_size, "workers": workers,
+                                  "crop_scales": crop_scales, "folds": folds, "batch_size": batch_size, "workers": workers,
                                   "precision": precision, "first_use": first_use}
         # Ray's own INFO/WARNING lines (execution plans, "progress bars disabled") only with dermbatch -v
         ray_level = logging.INFO if log.getEffectiveLevel() <= logging.DEBUG else logging.ERROR

@@ -44,6 +44,7 @@ class RunOptions:
     device: str = "auto"
     precision: str | None = None
     tta: str | None = None
+    crop_scales: str = "1"  # classifier crop sides relative to the bundle's; logits averaged over them
     folds: str = "all"
     batch_size: int = 8
     workers: int = 2
@@ -165,7 +166,8 @@ def _pending(options: RunOptions, items: list[InputImage], summary: RunSummary):
 
 def _predictor(options: RunOptions, first_use) -> Predictor:
     """A Predictor here, or (``--ray``) one per actor of a Ray Data pool, behind the same interface."""
-    knobs = {"backend": options.backend, "device": options.device, "tta": options.tta, "folds": options.folds,
+    knobs = {"backend": options.backend, "device": options.device, "tta": options.tta,
+             "crop_scales": options.crop_scales, "folds": options.folds,
              "batch_size": options.batch_size, "workers": options.workers, "precision": options.precision,
              "first_use": first_use}
     if options.ray is None:

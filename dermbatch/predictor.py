@@ -22,7 +22,7 @@ from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import Sample, batched, iter_samples
 from dermbatch.manifest import TTA_MODES
 from dermbatch.postprocess import mask_from_logits, scale_box
-from dermbatch.preprocess import correct_colors, lesion_crop, model_input
+from dermbatch.preprocess import correct_colors, lesion_crop, model_input, scaled_crop
 from dermbatch.quality import mask_features
 from dermbatch.result import Result
 from dermbatch.tta import classify_with_tta, segment_with_tta, softmax, views
@@ -61,11 +61,23 @@ def parse_folds(folds: str | Iterable[int] | None, bundle: Bundle) -> dict[str, 
     return selected
 
 
+def parse_crop_scales(scales: Iterable[float] | str) -> tuple[float, ...]:
+    """``--crop-scales``: '0.85,1,1.2' or numbers, each the side of a classifier crop relative to the bundle's
+    own crop around the same lesion; the logits are averaged over them (multi-scale test-time augmentation)."""
+    try:
+        values = tuple(float(v) for v in (scales.split(",") if isinstance(scales, str) else scales))
+    except ValueError:
+        raise UsageError(f"--crop-scales {scales!r}: give numbers separated by commas, e.g. 0.85,1,1.2") from None
+    if not values or len(set(values)) != len(values) or not all(0 < v <= 3 for v in values):
+        raise UsageError(f"--crop-scales {scales!r}: give distinct scales in (0, 3], e.g. 0.85,1,1.2")
+    return values
+
+
 class Predictor:
     def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "auto",
                  tta: str | None = None, folds: str | Iterable[int] | None = "all", batch_size: int = 8,
                  workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True,
-                 precision: str | None = None, first_use=None):
+                 precision: str | None = None, first_use=None, crop_scales: Iterable[float] = (1.0,)):
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if workers < 0:
@@ -81,6 +93,8 @@ class Predictor:
             if self.tta[spec.task] == "d4" and spec.input_size[0] != spec.input_size[1]:
                 raise UsageError(f"--tta d4 needs a square {spec.task} input, not {spec.input_size}; use flip")
         self.folds = parse_folds(folds, self.bundle)
+        self.crop_scales = parse_crop_scales(crop_scales)
+        self.crop_specs = [scaled_crop(self.bundle.crop, s) for s in self.crop_scales]  # refuses a scale too small
         self.batch_size, self.workers, self.max_pixels = batch_size, workers, max_pixels
         # JPEGs are decoded at reduced scale only while the shorter side keeps 4x the classifier's input,
         # so a lesion covering a quarter of the image still reaches the classifier at full resolution.
@@ -88,10 +102,12 @@ class Predictor:
         # first_use: the hook that may build an engine for the installed default bundle (see backends.create_backend)
         self.backend = create_backend(backend, self.bundle, device, self.folds, first_use, precision=precision)
         self.seconds: dict[str, float] = defaultdict(float)
-        log.info("bundle %s: folds seg %s, cls %s; TTA seg %s (%d views), cls %s (%d views)", self.bundle.name,
+        log.info("bundle %s: folds seg %s, cls %s; TTA seg %s (%d views), cls %s (%d views)%s", self.bundle.name,
                  self.folds["segmentation"], self.folds["classification"], self.tta["segmentation"],
                  len(views(self.tta["segmentation"])), self.tta["classification"],
-                 len(views(self.tta["classification"])))
+                 len(views(self.tta["classification"])) * len(self.crop_scales),
+                 f" at crop scales {', '.join(f'{s:g}' for s in self.crop_scales)}" if self.crop_scales != (1.0,)
+                 else "")
 
     def __enter__(self) -> Predictor:
         return self
@@ -103,8 +119,8 @@ class Predictor:
         self.backend.close()
 
     def describe(self) -> dict:
-        return {**self.backend.describe(), "tta": self.tta, "folds": self.folds, "batch_size": self.batch_size,
-                "workers": self.workers}
+        return {**self.backend.describe(), "tta": self.tta, "crop_scales": list(self.crop_scales),
+                "folds": self.folds, "batch_size": self.batch_size, "workers": self.workers}
 
     def decode(self, path: str | os.PathLike, full_size: bool = False) -> DecodedImage:
         """The image as the models see it: decoded (a large JPEG at reduced size unless ``full_size``), with
@@ -139,17 +155,22 @@ class Predictor:
         start = time.perf_counter()
         x = np.stack([s.seg_input for _, s in good])
         logits = segment_with_tta(self.backend.segment, x, self.tta["segmentation"])
-        crops = []
         for (result, sample), seg_logits in zip(good, logits, strict=False):
             self._finish_mask(result, sample.decoded, seg_logits[0])
-            crops.append(model_input(result.crop, self.cls_spec))
         mid = time.perf_counter()
-        cls_logits = classify_with_tta(self.backend.classify, np.stack(crops), self.tta["classification"])
+        cls_logits = np.mean([classify_with_tta(self.backend.classify, self._crops([r for r, _ in good], crop),
+                                                self.tta["classification"]) for crop in self.crop_specs], axis=0)
         for (result, _), probs in zip(good, softmax(cls_logits.astype(np.float64)), strict=False):
             result.probabilities = probs
         self.seconds["segment"] += mid - start
         self.seconds["classify"] += time.perf_counter() - mid
         return results
+
+    def _crops(self, results: list[Result], crop) -> np.ndarray:
+        """The classifier's inputs: each result's own crop at the bundle's scale, else cut again at ``crop``'s
+        margin around the same mask (the whole image where no lesion was found, at every scale)."""
+        return np.stack([model_input(r.crop if crop == self.bundle.crop else lesion_crop(r.image, r.mask, crop)[0],
+                                     self.cls_spec) for r in results])
 
     def _finish_mask(self, result: Result, decoded: DecodedImage, seg_logits: np.ndarray) -> None:
         rgb = decoded.rgb

@@ -6,10 +6,13 @@ trained on crops made exactly the way the pipeline makes them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 
 from dermbatch.bundle import CropSpec, ModelSpec, PreprocessSpec
+from dermbatch.errors import UsageError
 from dermbatch.postprocess import Box, expand_box, mask_bbox
 
 
@@ -47,6 +50,19 @@ def normalize(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
 def model_input(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Resize to the model's input size and normalise: (3, H, W) float32."""
     return normalize(resize_rgb(rgb, spec.input_size), spec)
+
+
+def scaled_crop(crop: CropSpec, scale: float) -> CropSpec:
+    """The crop whose side is ``scale`` times ``crop``'s around the same lesion box (before clamping to the
+    image): its margin solves ``1 + 2 * margin' = scale * (1 + 2 * margin)``. A scale below
+    ``1 / (1 + 2 * margin)`` would cut into the lesion box itself and is refused."""
+    if scale == 1:
+        return crop
+    margin = (scale * (1 + 2 * crop.margin) - 1) / 2
+    if margin < -1e-9:
+        raise UsageError(f"crop scale {scale:g} cuts into the lesion: the bundle's crop margin {crop.margin:g} "
+                         f"allows scales of {1 / (1 + 2 * crop.margin):.3f} and more")
+    return replace(crop, margin=max(0.0, margin))
 
 
 def lesion_crop(rgb: np.ndarray, mask: np.ndarray | None, crop: CropSpec) -> tuple[np.ndarray, Box | None]:

@@ -125,3 +125,51 @@ def test_installed_default_bundle_runs_the_sample_images(tmp_path, monkeypatch):
     assert float(details["sample_07_no_lesion"]["lesion_probability"]) < bundle.quality.thresholds["lesion"]
     assert all(d["lesion_found"] == "true" and float(d["mask_quality"]) > 0.5 for i, d in details.items()
                if i != "sample_07_no_lesion")
+
+
+def test_scaled_crop_grows_and_shrinks_the_crop_around_the_same_lesion_box():
+    from dermbatch.bundle import CropSpec
+    from dermbatch.errors import UsageError
+    from dermbatch.preprocess import lesion_crop, scaled_crop
+
+    rgb = np.zeros((150, 200, 3), np.uint8)
+    mask = np.zeros((150, 200), np.uint8)
+    mask[55:95, 80:120] = 1  # a 40 x 40 lesion box, centred at (100, 75)
+    crop = CropSpec(margin=0.1)
+    assert scaled_crop(crop, 1) is crop
+    sides = {s: lesion_crop(rgb, mask, scaled_crop(crop, s))[1] for s in (0.85, 1, 1.25)}
+    assert sides[1] == (76, 51, 48, 48)  # 40 * (1 + 2 * 0.1)
+    assert sides[1.25] == (70, 45, 60, 60)  # 48 * 1.25, same centre
+    assert sides[0.85] == (79, 54, 41, 41)  # ceil(48 * 0.85)
+    with pytest.raises(UsageError, match="crop scale 0.8 cuts into the lesion: .* allows scales of 0.833 and more"):
+        scaled_crop(crop, 0.8)
+
+
+def test_crop_scales_refuse_what_is_not_a_list_of_distinct_sizes(tiny_bundle):
+    from dermbatch.errors import UsageError
+    from dermbatch.predictor import parse_crop_scales
+
+    assert parse_crop_scales("0.85,1,1.2") == (0.85, 1.0, 1.2)
+    for bad in ("a,b", "0", "1,1", "", "5"):
+        with pytest.raises(UsageError, match="--crop-scales"):
+            parse_crop_scales(bad)
+    with pytest.raises(UsageError, match="cuts into the lesion"):
+        Predictor(tiny_bundle.path, backend="torch", crop_scales="0.5,1")
+
+
+@pytest.mark.skipif(not (DEFAULT_BUNDLE_DIR / "bundle.json").is_file(), reason="no default bundle installed")
+def test_crop_scales_average_the_logits_of_each_scale_with_the_default_bundle():
+    from pathlib import Path
+
+    samples = sorted((Path(__file__).resolve().parents[1] / "sample_images").glob("sample_0[1-3]*"))
+
+    def probs(scales: str) -> np.ndarray:
+        with Predictor(None, backend="torch", device="cpu", workers=0, crop_scales=scales) as predictor:
+            assert predictor.describe()["crop_scales"] == [float(s) for s in scales.split(",")]
+            return np.array([r.probabilities for r in predictor.predict(samples)])
+
+    single = {s: probs(s) for s in ("0.85", "1", "1.2")}
+    assert len(samples) == 3 and not np.allclose(single["1"], single["1.2"], atol=1e-3)  # the crops really differ
+    mean_log = np.mean([np.log(p) for p in single.values()], axis=0)  # softmax of the mean logit, computed apart
+    expected = np.exp(mean_log) / np.exp(mean_log).sum(1, keepdims=True)
+    np.testing.assert_allclose(probs("0.85,1,1.2"), expected, atol=1e-5)

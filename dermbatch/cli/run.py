@@ -50,6 +50,9 @@ def run_command(
                                                "to use."),
     tta: str | None = typer.Option(None, metavar="MODE",
         help="none | flip (4 views) | d4 (8 views) [default: the bundle's]."),
+    crop_scales: str = typer.Option("1", metavar="SCALES",
+        help="Classify crops of these sizes relative to the bundle's crop and average the logits, e.g. 0.85,1,1.2 "
+             "(multi-scale TTA: one classifier pass per scale)."),
     folds: str = typer.Option("all", metavar="FOLDS", help="'all' or fold numbers, e.g. 0,2."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, metavar="N", help="Images per forward batch."),
     workers: int = typer.Option(2, min=0, metavar="N", help="Decode threads (0: decode in the main thread)."),
@@ -83,6 +86,7 @@ def run_command(
       dermbatch run ./images --out results.csv --masks masks/ --annotate annotated/ --report report/
       dermbatch run a.jpg more/ --out r.csv --model my-bundle --tta d4 --folds 0,2 --batch-size 16
       dermbatch run ./images --out results.csv --resume          # continue an interrupted run
+      dermbatch run ./images --out results.csv --crop-scales 0.85,1,1.2   # 3x the classifier passes, +0.8 BA
       dermbatch run /shared/archive --out results.csv --ray head-node:6379 --ray-cpus-per-actor 4
     """
     from dermbatch.backends import backend_names
@@ -100,7 +104,7 @@ def run_command(
         raise UsageError(f"--precision {precision!r}: choose auto, fp32, fp16, bf16 or int8")
     options = RunOptions(inputs=[str(p) for p in inputs], out=out, model=str(model) if model else None,
                          backend=backend, device=device, precision=None if precision == "auto" else precision,
-                         tta=tta, folds=folds, batch_size=batch_size, workers=workers, masks=masks,
+                         tta=tta, crop_scales=crop_scales, folds=folds, batch_size=batch_size, workers=workers, masks=masks,
                          annotate=annotate, crops=crops, details=details, explain=explain, guided=guided,
                          report=report, resume=resume, overwrite=overwrite, recursive=recursive, ray=ray,
                          ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus_per_actor)

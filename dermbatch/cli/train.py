@@ -324,6 +324,8 @@ def evaluate_command(
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", metavar="DIR",
         help="Folder for predictions and evaluation.json."),
     tta: str | None = typer.Option(None, metavar="MODE", help="none | flip | d4 (default: the bundle's)."),
+    crop_scales: str = typer.Option("1", metavar="SCALES",
+                                    help="Classifier crop sizes to average, as for run, e.g. 0.85,1,1.2."),
     folds: str = typer.Option("all", metavar="FOLDS", help="'all' or fold numbers, e.g. 0,2."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="Images per forward batch."),
     workers: int = typer.Option(2, min=0, metavar="N", help="Decode threads (0: decode in the main thread)."),
@@ -348,7 +350,7 @@ def evaluate_command(
     if masks is None and labels is None:
         raise UsageError("evaluate needs --masks and/or --labels to score against")
     report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, explain=explain,
-                      tta=tta, folds=folds, batch_size=batch_size, workers=workers, device=device, backend=backend,
+                      tta=tta, crop_scales=crop_scales, folds=folds, batch_size=batch_size, workers=workers, device=device, backend=backend,
                       precision=None if precision == "auto" else precision, first_use=build_default_engine)
     for task in ("segmentation", "classification"):
         if task in report:
