@@ -86,7 +86,7 @@ def run_command(
       dermbatch run ./images --out results.csv --masks masks/ --annotate annotated/ --report report/
       dermbatch run a.jpg more/ --out r.csv --model my-bundle --tta d4 --folds 0,2 --batch-size 16
       dermbatch run ./images --out results.csv --resume          # continue an interrupted run
-      dermbatch run ./images --out results.csv --crop-scales 0.85,1,1.2   # 3x the classifier passes, +0.8 BA
+      dermbatch run ./images --out results.csv --crop-scales 0.85,1,1.2   # multi-scale TTA: 3 classifier passes
       dermbatch run /shared/archive --out results.csv --ray head-node:6379 --ray-cpus-per-actor 4
     """
     from dermbatch.backends import backend_names
