@@ -108,8 +108,8 @@ class RayPredictor:
         self.seconds: dict[str, float] = defaultdict(float)
         parse_crop_scales(crop_scales)  # a bad value fails here, before the cluster is touched
         self.predictor_options = {"model": model, "backend": backend, "device": device, "tta": tta,
-                                  "crop_scales": crop_scales, "folds": folds, "batch_size": batch_size, "workers": workers,
-                                  "precision": precision, "first_use": first_use}
+                                  "crop_scales": crop_scales, "folds": folds, "batch_size": batch_size,
+                                  "workers": workers, "precision": precision, "first_use": first_use}
         # Ray's own INFO/WARNING lines (execution plans, "progress bars disabled") only with dermbatch -v
         ray_level = logging.INFO if log.getEffectiveLevel() <= logging.DEBUG else logging.ERROR
         self._owns_ray = not ray.is_initialized()  # a caller's own ray.init() is left as it is

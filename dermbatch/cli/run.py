@@ -104,8 +104,8 @@ def run_command(
         raise UsageError(f"--precision {precision!r}: choose auto, fp32, fp16, bf16 or int8")
     options = RunOptions(inputs=[str(p) for p in inputs], out=out, model=str(model) if model else None,
                          backend=backend, device=device, precision=None if precision == "auto" else precision,
-                         tta=tta, crop_scales=crop_scales, folds=folds, batch_size=batch_size, workers=workers, masks=masks,
-                         annotate=annotate, crops=crops, details=details, explain=explain, guided=guided,
+                         tta=tta, crop_scales=crop_scales, folds=folds, batch_size=batch_size, workers=workers,
+                         masks=masks, annotate=annotate, crops=crops, details=details, explain=explain, guided=guided,
                          report=report, resume=resume, overwrite=overwrite, recursive=recursive, ray=ray,
                          ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus_per_actor)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

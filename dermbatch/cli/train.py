@@ -350,8 +350,9 @@ def evaluate_command(
     if masks is None and labels is None:
         raise UsageError("evaluate needs --masks and/or --labels to score against")
     report = evaluate(str(model) if model else None, images, out, masks=masks, labels=labels, explain=explain,
-                      tta=tta, crop_scales=crop_scales, folds=folds, batch_size=batch_size, workers=workers, device=device, backend=backend,
-                      precision=None if precision == "auto" else precision, first_use=build_default_engine)
+                      tta=tta, crop_scales=crop_scales, folds=folds, batch_size=batch_size, workers=workers,
+                      device=device, backend=backend, precision=None if precision == "auto" else precision,
+                      first_use=build_default_engine)
     for task in ("segmentation", "classification"):
         if task in report:
             stderr.print(f"{task}: {headline(task, report[task])}")
