@@ -28,7 +28,7 @@ from dermbatch import __version__
 from dermbatch.bundle import load_bundle
 from dermbatch.errors import BackendError, UsageError
 from dermbatch.inputs import InputImage
-from dermbatch.predictor import Predictor, parse_crop_scales, parse_folds
+from dermbatch.predictor import Predictor, crop_specs, parse_folds
 from dermbatch.result import Result
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class RayPredictor:
         self.bundle = load_bundle(model)  # checked here, once: a bad --model fails before the cluster is touched
         self.folds = parse_folds(folds, self.bundle)
         self.seconds: dict[str, float] = defaultdict(float)
-        parse_crop_scales(crop_scales)  # a bad value fails here, before the cluster is touched
+        crop_specs(self.bundle, crop_scales)  # a bad value fails here, before the cluster is touched
         self.predictor_options = {"model": model, "backend": backend, "device": device, "tta": tta,
                                   "crop_scales": crop_scales, "folds": folds, "batch_size": batch_size,
                                   "workers": workers, "precision": precision, "first_use": first_use}

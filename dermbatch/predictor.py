@@ -73,6 +73,11 @@ def parse_crop_scales(scales: Iterable[float] | str) -> tuple[float, ...]:
     return values
 
 
+def crop_specs(bundle: Bundle, scales: Iterable[float] | str) -> list:
+    """The classifier crop of each ``--crop-scales`` scale (a scale too small for the bundle's margin refused)."""
+    return [scaled_crop(bundle.crop, s) for s in parse_crop_scales(scales)]
+
+
 class Predictor:
     def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "auto",
                  tta: str | None = None, folds: str | Iterable[int] | None = "all", batch_size: int = 8,
@@ -94,7 +99,7 @@ class Predictor:
                 raise UsageError(f"--tta d4 needs a square {spec.task} input, not {spec.input_size}; use flip")
         self.folds = parse_folds(folds, self.bundle)
         self.crop_scales = parse_crop_scales(crop_scales)
-        self.crop_specs = [scaled_crop(self.bundle.crop, s) for s in self.crop_scales]  # refuses a scale too small
+        self.crop_specs = crop_specs(self.bundle, crop_scales)
         self.batch_size, self.workers, self.max_pixels = batch_size, workers, max_pixels
         # JPEGs are decoded at reduced scale only while the shorter side keeps 4x the classifier's input,
         # so a lesion covering a quarter of the image still reaches the classifier at full resolution.
@@ -158,7 +163,8 @@ class Predictor:
         for (result, sample), seg_logits in zip(good, logits, strict=False):
             self._finish_mask(result, sample.decoded, seg_logits[0])
         mid = time.perf_counter()
-        cls_logits = np.mean([classify_with_tta(self.backend.classify, self._crops([r for r, _ in good], crop),
+        done = [result for result, _ in good]
+        cls_logits = np.mean([classify_with_tta(self.backend.classify, self._crops(done, crop),
                                                 self.tta["classification"]) for crop in self.crop_specs], axis=0)
         for (result, _), probs in zip(good, softmax(cls_logits.astype(np.float64)), strict=False):
             result.probabilities = probs
