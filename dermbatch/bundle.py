@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dermbatch.errors import BundleError, UsageError
+from dermbatch.jsonfile import read_json
 from dermbatch.manifest import (
     CLASSES,
     FORMAT_VERSION,
@@ -34,6 +35,7 @@ from dermbatch.manifest import (
     validate_manifest,
 )
 from dermbatch.quality import QualityModel
+from dermbatch.screening import OperatingPoint, points_from_manifest
 
 __all__ = ["CLASSES", "Bundle", "CropSpec", "ModelSpec", "load_bundle", "save_weights", "write_manifest"]
 
@@ -93,6 +95,7 @@ class Bundle:
     crop: CropSpec
     preprocessing: PreprocessSpec = PreprocessSpec()
     quality: QualityModel | None = None  # the segmentation's mask-quality models (``dermbatch.quality``)
+    screening: tuple[OperatingPoint, ...] = ()  # the classifier's stored operating points (``dermbatch.screening``)
 
     @property
     def name(self) -> str:
@@ -182,11 +185,9 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
     if not root.is_dir():
         raise UsageError(f"{root}: model bundle directory not found")  # a mistyped --model: exit code 2
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_json(manifest_path, BundleError, "manifest")
     except FileNotFoundError:
         raise BundleError(f"{root}: not a model bundle (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from None
     bundle = parse_manifest(manifest, root)
     for name in manifest["weights"]:
         if not (root / name).is_file():
@@ -202,8 +203,13 @@ def parse_manifest(manifest: Any, root: Path) -> Bundle:
         quality = QualityModel.from_manifest((manifest.get("segmentation") or {}).get("quality"))
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{root / MANIFEST}: segmentation.quality: {exc}") from None
+    try:
+        screening = points_from_manifest((manifest.get("classification") or {}).get("screening"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{root / MANIFEST}: classification.screening: {exc}") from None
     return Bundle(Path(root), manifest, tuple(manifest["classes"]), specs["segmentation"],
-                  specs["classification"], crop, PreprocessSpec(**manifest.get("preprocessing", {})), quality)
+                  specs["classification"], crop, PreprocessSpec(**manifest.get("preprocessing", {})), quality,
+                  screening)
 
 
 def _model_spec(task: str, section: dict) -> ModelSpec:

@@ -27,6 +27,7 @@ import numpy as np
 from dermbatch import __version__
 from dermbatch.bundle import load_bundle
 from dermbatch.errors import BackendError, UsageError
+from dermbatch.imageio import DEFAULT_MAX_BYTES
 from dermbatch.inputs import InputImage
 from dermbatch.predictor import Predictor, crop_specs, parse_folds
 from dermbatch.result import Result
@@ -98,7 +99,7 @@ class RayPredictor:
     actor_class = PredictActor  # benchmarks/bench_ray.py swaps in a stub to measure the driver's own ceiling
 
     def __init__(self, cluster: ClusterOptions, *, model=None, backend="auto", device="auto", tta=None, folds="all",
-                 batch_size=8, workers=2, precision=None, first_use=None, crop_scales="1"):
+                 batch_size=8, workers=2, precision=None, first_use=None, crop_scales="1", max_bytes=DEFAULT_MAX_BYTES):
         require_ray()
         import ray
 
@@ -109,7 +110,8 @@ class RayPredictor:
         crop_specs(self.bundle, crop_scales)  # a bad value fails here, before the cluster is touched
         self.predictor_options = {"model": model, "backend": backend, "device": device, "tta": tta,
                                   "crop_scales": crop_scales, "folds": folds, "batch_size": batch_size,
-                                  "workers": workers, "precision": precision, "first_use": first_use}
+                                  "workers": workers, "precision": precision, "first_use": first_use,
+                                  "max_bytes": max_bytes}
         # Ray's own INFO/WARNING lines (execution plans, "progress bars disabled") only with dermbatch -v
         ray_level = logging.INFO if log.getEffectiveLevel() <= logging.DEBUG else logging.ERROR
         self._owns_ray = not ray.is_initialized()  # a caller's own ray.init() is left as it is

@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +22,13 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dermbatch.errors import ImageError
+from dermbatch.errors import ImageError, UsageError
 
 SUPPORTED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF"}
 DEFAULT_MAX_PIXELS = 150_000_000  # 12k x 12k; ISIC 2019/2020 photos are at most 6000x4000 (24 MP)
+DEFAULT_MAX_BYTES = 512 << 20  # --max-file-size: a 24 MP lossless TIFF is 72 MB
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+          (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 _ORIENT = {  # EXIF orientation -> (rotate code or None, flip horizontally first)
     2: (None, True), 3: (cv2.ROTATE_180, False), 4: (cv2.ROTATE_180, True),
@@ -95,18 +101,68 @@ def reduction_factor(header: ImageHeader, min_side: int | None) -> int:
     return next((f for f in (8, 4, 2) if short // f >= min_side), 1)
 
 
-def decode_image(path: str | Path, min_side: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Read ``path`` into RGB uint8; raise ImageError naming the file and the reason."""
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def _check_regular(path: Path, status: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageError(path, f"not a regular file: {_kind(status.st_mode)}; not read")
+    if max_bytes and status.st_size > max_bytes:
+        raise ImageError(path, f"file is {format_size(status.st_size)}, over the --max-file-size limit of "
+                               f"{format_size(max_bytes)}; not read")
+
+
+def read_input(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of one input file, read only when it is a regular file of at most ``max_bytes`` (0: no limit).
+
+    The name is checked with ``stat`` (so a FIFO, a device or a socket is never opened), then opened without
+    blocking and checked again on the open descriptor, so a file swapped for something else between the
+    listing and the read is caught; a file that grows past the limit while being read is refused too."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise ImageError(path, "is a directory, not an image") from None
+        _check_regular(path, os.stat(path), max_bytes)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                     | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
-        raise ImageError(path, "file disappeared before it could be read") from None
+        gone = "broken symbolic link (its target does not exist)" if os.path.islink(path) else \
+            "file disappeared before it could be read"
+        raise ImageError(path, gone) from None
     except OSError as exc:
         raise ImageError(path, f"cannot read file ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        status = os.fstat(fd)
+        _check_regular(path, status, max_bytes)
+        try:
+            data = fh.read(max_bytes + 1 if max_bytes else -1)
+        except OSError as exc:
+            raise ImageError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if max_bytes and len(data) > max_bytes:
+        raise ImageError(path, f"file grew past the --max-file-size limit of {format_size(max_bytes)} while "
+                               "being read; not used")
+    return data
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def parse_size(text: str) -> int:
+    """``--max-file-size``: bytes, or a number with k/M/G (powers of 1024), e.g. 512M or 2GB; 0 means no limit."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)[bB]?\s*", str(text))
+    if match is None:
+        raise UsageError(f"--max-file-size {text!r}: give a size such as 512M, 2G or 0 (no limit)")
+    return int(float(match[1]) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match[2].lower()])
+
+
+def decode_image(path: str | Path, min_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> DecodedImage:
+    """Read ``path`` into RGB uint8; raise ImageError naming the file and the reason."""
+    path = Path(path)
+    data = read_input(path, max_bytes)
     header = read_header(data, path, max_pixels)
     if header.format == "JPEG" and b"\xff\xd9" not in data[-4096:]:
         raise ImageError(path, "truncated JPEG (no end-of-image marker)")

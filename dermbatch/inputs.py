@@ -56,7 +56,7 @@ def discover_inputs(paths: Iterable[str | os.PathLike], recursive: bool = True) 
         path = Path(raw)
         if path.is_dir():
             found.extend(_walk(path, recursive))
-        elif path.is_file():
+        elif os.path.lexists(path):  # a FIFO, device or broken link too: reading it gives the row's reason
             if os.path.splitext(path.name)[1].lower() not in IMAGE_EXTENSIONS:
                 raise UsageError(f"{path}: not an image file name (expected one of "
                                  f"{', '.join(sorted(IMAGE_EXTENSIONS))})")

@@ -21,7 +21,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TOP_KEYS = {"format_version", "name", "description", "classes", "segmentation", "classification",
              "crop", "weights", "provenance", "preprocessing"}
-_MODEL_KEYS = {"architecture", "encoder", "input_size", "mean", "std", "folds", "tta", "threshold", "quality"}
+_MODEL_KEYS = {"architecture", "encoder", "input_size", "mean", "std", "folds", "tta", "threshold", "quality",
+               "screening"}
 _CROP_KEYS = {"margin", "square", "background"}
 _PRE_KEYS = {"color_constancy", "gamma"}
 COLOR_CONSTANCY = ("none", "shades_of_gray")
@@ -95,6 +96,10 @@ def validate_manifest(manifest: Any, where: str) -> None:
             fail(f"{task}.threshold", "must be a number strictly between 0 and 1")
         if "quality" in section and (task != "segmentation" or not isinstance(section["quality"], dict)):
             fail(f"{task}.quality", "only segmentation has one: an object written by `dermbatch calibrate-masks`")
+        if "screening" in section and (task != "classification" or not isinstance(section["screening"], dict)
+                                       or not isinstance(section["screening"].get("points"), list)):
+            fail(f"{task}.screening", "only classification has one: an object with a list of points, written by "
+                                      "`dermbatch operating-points`")
 
     crop = manifest.get("crop", {})
     if not isinstance(crop, dict):

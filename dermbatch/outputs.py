@@ -1,7 +1,11 @@
 """Output files: streaming CSVs that survive interruption, a run lock, and safe output paths.
 
 Rows are written a batch at a time with one ``write`` followed by flush + fsync, so an interrupted run
-leaves at most one partial last line, which ``--resume`` cuts off before appending.
+leaves at most one partial last row, which ``--resume`` cuts off before appending.
+
+The CSVs are UTF-8. An image id from a file name that is not valid UTF-8 is written byte for byte, as the
+file system holds the name (``surrogateescape``), so the row reads back to the same id and names the same
+file: ``open(path, encoding="utf-8", errors="surrogateescape")`` in Python.
 """
 
 from __future__ import annotations
@@ -9,31 +13,49 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from dermbatch.bundle import CLASSES
 from dermbatch.errors import OutputError
+from dermbatch.names import output_stem
 
 RESULT_COLUMNS = ("image", *CLASSES)
 DETAIL_COLUMNS = ("image", "path", "prediction", "confidence", "lesion_found", "bbox_x", "bbox_y", "bbox_w",
-                  "bbox_h", "lesion_area_fraction", "lesion_probability", "mask_quality", "status", "error")
+                  "bbox_h", "lesion_area_fraction", "lesion_probability", "mask_quality", "status", "error",
+                  "output_stem")
+ENCODING, ERRORS = "utf-8", "surrogateescape"  # how both CSVs are written and read
+_QUOTED = re.compile(r'[,"\r\n]')
 
 
 def format_rows(rows: Iterable[Iterable]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
+    """CSV text, one ``\\n``-ended line per row; a field holding a comma, a quote, ``\\n`` or ``\\r`` is quoted
+    (Python's csv writer leaves a lone ``\\r`` unquoted when the line ends in ``\\n``, and reads it back as a
+    line end)."""
+    return "".join(",".join(_field(value) for value in row) + "\n" for row in rows)
+
+
+def _field(value) -> str:
+    text = "" if value is None else str(value)
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if _QUOTED.search(text) else text
 
 
 def read_complete_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of an existing CSV, ignoring a partial last line left by an interrupted write."""
+    """Rows of an existing CSV, ignoring a partial last row left by an interrupted write (cut anywhere, even
+    inside a quoted id that holds a newline)."""
     data = path.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]
+    reader = csv.reader(io.StringIO(data[: data.rfind(b"\n") + 1].decode(ENCODING, ERRORS), newline=""), strict=True)
+    rows: list[list[str]] = []
     try:
-        return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise OutputError(f"{path}: cannot resume from this file ({exc})") from None
+        rows.extend(reader)
+    except csv.Error as exc:  # only a cut inside a quoted last field is expected: nothing may follow it
+        if next(reader, None) is not None:
+            raise OutputError(f"{path}: cannot resume from this file (line {reader.line_num}: {exc})") from None
+    if not rows:
+        return []
+    header = rows[0]
+    return [dict(zip(header, row, strict=True)) for row in rows[1:] if len(row) == len(header)]
 
 
 class CsvAppender:
@@ -45,8 +67,8 @@ class CsvAppender:
         text = format_rows([columns, *([row.get(c, "") for c in columns] for row in keep)])
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.path, text.encode("utf-8"))
-            self._fh = open(self.path, "a", encoding="utf-8", newline="")
+            write_bytes_atomic(self.path, text.encode(ENCODING, ERRORS))
+            self._fh = open(self.path, "a", encoding=ENCODING, errors=ERRORS, newline="")
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
 
@@ -104,10 +126,9 @@ class RunLock:
 
 
 def output_path(folder: Path, image_id: str, suffix: str) -> Path:
-    """``folder/<image_id><suffix>``, refusing ids that would land outside ``folder``."""
-    if not image_id or "/" in image_id or "\\" in image_id or "\0" in image_id or image_id in (".", ".."):
-        raise OutputError(f"image id {image_id!r} cannot be used as a file name")
-    return folder / f"{image_id}{suffix}"
+    """``folder/<stem><suffix>``: the stem is the id when it is a safe file name, else a safe stand-in
+    (``dermbatch.names.output_stem``, recorded in the details CSV)."""
+    return folder / f"{output_stem(image_id)}{suffix}"
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -120,14 +141,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def result_row(result) -> list:
-    """``image,MEL,...,VASC`` (ISIC 2018 Task 3 submission format)."""
-    return [result.image_id, *(f"{p:.6f}" for p in result.probabilities)]
+    """``image,MEL,...,VASC`` (ISIC 2018 Task 3 submission format), then the ``--screen`` columns if any."""
+    return [result.image_id, *(f"{p:.6f}" for p in result.probabilities), *result.screening.values()]
 
 
 def detail_row(result) -> list:
     box = result.bbox or ("", "", "", "")
     if not result.ok:
-        return [result.image_id, str(result.path), "", "", "", "", "", "", "", "", "", "", "error", result.error]
+        return [result.image_id, str(result.path), "", "", "", "", "", "", "", "", "", "", "error", result.error, ""]
     return [result.image_id, str(result.path), result.label, f"{result.confidence:.6f}",
             str(result.lesion_found).lower(), *box, f"{result.area_fraction:.6f}",
-            *("" if p is None else f"{p:.4f}" for p in (result.lesion_probability, result.mask_quality)), "ok", ""]
+            *("" if p is None else f"{p:.4f}" for p in (result.lesion_probability, result.mask_quality)), "ok", "",
+            output_stem(result.image_id)]

@@ -13,7 +13,9 @@ from importlib import metadata
 from pathlib import Path
 
 from dermbatch import __version__
+from dermbatch.bundle import load_bundle
 from dermbatch.errors import OutputError, UsageError
+from dermbatch.imageio import DEFAULT_MAX_BYTES
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import batched
 from dermbatch.outputs import (
@@ -27,6 +29,7 @@ from dermbatch.outputs import (
 from dermbatch.predictor import Predictor
 from dermbatch.report import write_report
 from dermbatch.result import Result
+from dermbatch.screening import OperatingPoint, parse_screen, result_columns, screen_values, select_points, summary_line
 from dermbatch.writer import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class RunOptions:
     folds: str = "all"
     batch_size: int = 8
     workers: int = 2
+    max_file_size: int = DEFAULT_MAX_BYTES  # bytes; a larger input is an error row, never read (0: no limit)
     masks: Path | None = None
     annotate: Path | None = None
     crops: Path | None = None
@@ -61,8 +65,11 @@ class RunOptions:
     ray: str | None = None  # a Ray cluster address ("auto": ray.init()'s discovery); None: predict here
     ray_actors: int | None = None
     ray_cpus_per_actor: float | None = None
+    screen: tuple[str, ...] = ()  # operating points such as "mel@0.90": score and 0/1 flag columns in the CSV
 
     def __post_init__(self):
+        self.screen = tuple(self.screen)
+        parse_screen(self.screen)  # a bad spec fails before anything is loaded
         self.out = Path(self.out)
         for name in ("masks", "annotate", "crops", "details", "explain", "report"):  # the Python API may pass strings
             if getattr(self, name) is not None:
@@ -94,6 +101,8 @@ class RunSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     status: str = "running"
+    flagged: dict[str, int] = field(default_factory=dict)  # --screen point -> images it flagged this run
+    screening: list[str] = field(default_factory=list)  # one summary line per --screen point
 
     @property
     def exit_code(self) -> int:
@@ -109,7 +118,7 @@ class RunSummary:
         return rates
 
 
-def _resume_state(options: RunOptions) -> tuple[set[str], list[dict], list[dict]]:
+def _resume_state(options: RunOptions, columns: tuple[str, ...]) -> tuple[set[str], list[dict], list[dict]]:
     """Images already done, and the rows of both CSVs to keep (details only for done images)."""
     if not options.out.exists():
         return set(), [], []
@@ -118,8 +127,9 @@ def _resume_state(options: RunOptions) -> tuple[set[str], list[dict], list[dict]
             raise UsageError(f"{options.out} exists; pass --resume to continue that run or --overwrite to replace it")
         return set(), [], []
     results = read_complete_rows(options.out)
-    if results and list(results[0].keys()) != list(RESULT_COLUMNS):
-        raise UsageError(f"{options.out}: columns are not {','.join(RESULT_COLUMNS)}; not a dermbatch results file")
+    if results and list(results[0].keys()) != list(columns):
+        raise UsageError(f"{options.out}: columns are {','.join(results[0])}, this run writes {','.join(columns)}; "
+                         "resume with the --screen options of the first run, or start a new --out")
     done = {row["image"] for row in results}
     details = read_complete_rows(options.details) if options.details.exists() else []
     latest = {row["image"]: row for row in details if row.get("image") in done}  # last row per image wins
@@ -134,13 +144,16 @@ def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
     start = time.perf_counter()
     items = discover_inputs(options.inputs, recursive=options.recursive)
     summary = RunSummary(total=len(items))
+    bundle = load_bundle(options.model)  # checked before the backend is built: a bad --screen fails at once
+    points = select_points(options.screen, bundle.screening, bundle.path)
+    columns = (*RESULT_COLUMNS, *result_columns(points))
     with RunLock(options.out):
-        pending, keep_results, keep_details = _pending(options, items, summary)
+        pending, keep_results, keep_details = _pending(options, items, summary, columns)
         load_start = time.perf_counter()
         with _predictor(options, first_use) as predictor:
             explainer = _explainer(options, predictor)
             summary.startup = time.perf_counter() - load_start
-            writer = OutputWriter(CsvAppender(options.out, RESULT_COLUMNS, keep_results),
+            writer = OutputWriter(CsvAppender(options.out, columns, keep_results),
                                   CsvAppender(options.details, DETAIL_COLUMNS, keep_details),
                                   masks=options.masks, annotate=options.annotate, crops=options.crops,
                                   explain=options.explain, report=options.report)
@@ -148,15 +161,15 @@ def run(options: RunOptions, on_start: Callable[[int], None] | None = None,
             write_manifest(options, predictor, summary)
             if on_start:
                 on_start(len(pending))
-            _stream(options, predictor, explainer, writer, pending, summary, on_result, start)
+            _stream(options, predictor, explainer, writer, pending, summary, on_result, start, points)
             if options.report is not None:
-                write_run_report(options, predictor, summary)
+                write_run_report(options, predictor, summary, points)
     return summary
 
 
-def _pending(options: RunOptions, items: list[InputImage], summary: RunSummary):
+def _pending(options: RunOptions, items: list[InputImage], summary: RunSummary, columns: tuple[str, ...]):
     """The images still to do, and the rows of both CSVs to keep (``--resume``)."""
-    done, keep_results, keep_details = _resume_state(options)
+    done, keep_results, keep_details = _resume_state(options, columns)
     pending = [i for i in items if i.image_id not in done]
     summary.skipped = len(items) - len(pending)
     if summary.skipped:
@@ -169,7 +182,7 @@ def _predictor(options: RunOptions, first_use) -> Predictor:
     knobs = {"backend": options.backend, "device": options.device, "tta": options.tta,
              "crop_scales": options.crop_scales, "folds": options.folds,
              "batch_size": options.batch_size, "workers": options.workers, "precision": options.precision,
-             "first_use": first_use}
+             "max_bytes": options.max_file_size, "first_use": first_use}
     if options.ray is None:
         return Predictor(options.model, **knobs)
     from dermbatch.cluster import ClusterOptions, RayPredictor  # Ray: only when asked for
@@ -203,12 +216,16 @@ def _output_paths(options: RunOptions) -> dict[str, str]:
 
 
 def _stream(options: RunOptions, predictor: Predictor, explainer, writer: OutputWriter,
-            pending: list[InputImage], summary: RunSummary, on_result, start: float) -> None:
+            pending: list[InputImage], summary: RunSummary, on_result, start: float,
+            points: tuple[OperatingPoint, ...] = ()) -> None:
     """Predict, explain and hand each batch to the writer as it comes; close the writer and record the
     counts and stage times in the manifest whatever happens (an interrupted run keeps what it wrote)."""
     explain_seconds = 0.0
     try:
         for batch in batched(predictor.predict(pending), options.batch_size):
+            for result in batch if points else ():
+                if result.ok:
+                    result.screening = screen_values(result.probabilities, predictor.bundle.classes, points)
             if explainer is not None:
                 explain_start = time.perf_counter()
                 explainer.explain(batch)
@@ -227,6 +244,9 @@ def _stream(options: RunOptions, predictor: Predictor, explainer, writer: Output
         try:
             writer.close()
         finally:
+            summary.ok -= writer.write_failures  # counted as done when predicted, then their files failed
+            summary.failed += writer.write_failures
+            _count_flags(summary, points, writer.flagged)
             summary.elapsed = time.perf_counter() - start
             summary.seconds = {**predictor.seconds, "write": writer.seconds}
             if explainer is not None:
@@ -236,11 +256,19 @@ def _stream(options: RunOptions, predictor: Predictor, explainer, writer: Output
             write_manifest(options, predictor, summary)
 
 
-def write_run_report(options: RunOptions, predictor: Predictor, summary: RunSummary) -> None:
+def _count_flags(summary: RunSummary, points: tuple[OperatingPoint, ...], flagged: dict[str, int]) -> None:
+    """The ``--screen`` counts of the images written this run, and their summary lines."""
+    done = summary.ok
+    summary.flagged = {p.name: flagged.get(p.column, 0) for p in points}
+    summary.screening = [summary_line(p, flagged.get(p.column, 0), done) for p in points]
+
+
+def write_run_report(options: RunOptions, predictor: Predictor, summary: RunSummary,
+                     points: tuple[OperatingPoint, ...] = ()) -> None:
     meta = {"bundle": predictor.bundle.name, "backend": predictor.describe()["backend"],
             "results": options.out.name, "run time": f"{summary.elapsed:.0f} s"}
     try:
-        write_report(options.report, options.out, options.details, predictor.bundle.classes, meta)
+        write_report(options.report, options.out, options.details, predictor.bundle.classes, meta, points)
     except OSError as exc:
         raise OutputError(f"{options.report}: cannot write the report ({exc.strerror or exc})") from None
 

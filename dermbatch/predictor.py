@@ -17,7 +17,7 @@ import numpy as np
 from dermbatch.backends import create_backend
 from dermbatch.bundle import Bundle, ModelSpec, load_bundle
 from dermbatch.errors import UsageError
-from dermbatch.imageio import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from dermbatch.imageio import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from dermbatch.inputs import InputImage, discover_inputs
 from dermbatch.loader import Sample, batched, iter_samples
 from dermbatch.manifest import TTA_MODES
@@ -78,15 +78,28 @@ def crop_specs(bundle: Bundle, scales: Iterable[float] | str) -> list:
     return [scaled_crop(bundle.crop, s) for s in parse_crop_scales(scales)]
 
 
+def _non_finite(result: Result, output: np.ndarray) -> bool:
+    """Mark ``result`` failed when a model output for it holds NaN or infinity (a broken engine or weights):
+    such an image gets an error row, never a ``nan`` in the results CSV."""
+    if np.isfinite(output).all():
+        return False
+    result.error = "model produced non-finite output (NaN or infinity); check the engine or rebuild it"
+    result.image = result.mask = result.crop = None
+    return True
+
+
 class Predictor:
     def __init__(self, model: str | os.PathLike | None = None, *, backend: str = "auto", device: str = "auto",
                  tta: str | None = None, folds: str | Iterable[int] | None = "all", batch_size: int = 8,
                  workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True,
-                 precision: str | None = None, first_use=None, crop_scales: Iterable[float] = (1.0,)):
+                 precision: str | None = None, first_use=None, crop_scales: Iterable[float] = (1.0,),
+                 max_bytes: int = DEFAULT_MAX_BYTES):
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if workers < 0:
             raise UsageError("--workers must be 0 (decode in the main thread) or more")
+        if max_bytes < 0:
+            raise UsageError("--max-file-size must be 0 (no limit) or more")
         self.bundle = load_bundle(model)
         self.seg_spec = self.bundle.spec("segmentation")
         self.cls_spec = self.bundle.spec("classification")
@@ -100,7 +113,7 @@ class Predictor:
         self.folds = parse_folds(folds, self.bundle)
         self.crop_scales = parse_crop_scales(crop_scales)
         self.crop_specs = crop_specs(self.bundle, crop_scales)
-        self.batch_size, self.workers, self.max_pixels = batch_size, workers, max_pixels
+        self.batch_size, self.workers, self.max_pixels, self.max_bytes = batch_size, workers, max_pixels, max_bytes
         # JPEGs are decoded at reduced scale only while the shorter side keeps 4x the classifier's input,
         # so a lesion covering a quarter of the image still reaches the classifier at full resolution.
         self.min_side = 4 * max(self.cls_spec.input_size) if reduced_decode else None
@@ -130,7 +143,8 @@ class Predictor:
     def decode(self, path: str | os.PathLike, full_size: bool = False) -> DecodedImage:
         """The image as the models see it: decoded (a large JPEG at reduced size unless ``full_size``), with
         the bundle's colour correction."""
-        decoded = decode_image(path, min_side=None if full_size else self.min_side, max_pixels=self.max_pixels)
+        decoded = decode_image(path, min_side=None if full_size else self.min_side, max_pixels=self.max_pixels,
+                               max_bytes=self.max_bytes)
         decoded.rgb = correct_colors(decoded.rgb, self.bundle.preprocessing)  # what the models were trained on
         return decoded
 
@@ -160,14 +174,19 @@ class Predictor:
         start = time.perf_counter()
         x = np.stack([s.seg_input for _, s in good])
         logits = segment_with_tta(self.backend.segment, x, self.tta["segmentation"])
-        for (result, sample), seg_logits in zip(good, logits, strict=False):
+        done = []
+        for (result, sample), seg_logits in zip(good, logits, strict=True):
+            if _non_finite(result, seg_logits):
+                continue
             self._finish_mask(result, sample.decoded, seg_logits[0])
+            done.append(result)
         mid = time.perf_counter()
-        done = [result for result, _ in good]
-        cls_logits = np.mean([classify_with_tta(self.backend.classify, self._crops(done, crop),
-                                                self.tta["classification"]) for crop in self.crop_specs], axis=0)
-        for (result, _), probs in zip(good, softmax(cls_logits.astype(np.float64)), strict=False):
-            result.probabilities = probs
+        if done:
+            cls_logits = np.mean([classify_with_tta(self.backend.classify, self._crops(done, crop),
+                                                    self.tta["classification"]) for crop in self.crop_specs], axis=0)
+            for result, probs in zip(done, softmax(cls_logits.astype(np.float64)), strict=True):
+                if not _non_finite(result, probs):
+                    result.probabilities = probs
         self.seconds["segment"] += mid - start
         self.seconds["classify"] += time.perf_counter() - mid
         return results

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import cv2
 import numpy as np
 
 from dermbatch.annotate import draw_annotation
-from dermbatch.errors import OutputError
 from dermbatch.heatmap import blend_heatmap
 from dermbatch.outputs import output_path, read_complete_rows, write_bytes_atomic
+from dermbatch.screening import SCORE_WORDS, OperatingPoint
 
 THUMB_WIDTH = 240
 LOW_CONFIDENCE = 0.5  # flagged below this top-class probability
@@ -49,7 +50,8 @@ def mask_overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def thumbnails(result) -> dict[str, np.ndarray]:
     """The report's thumbnails of one good result (BGR, ``THUMB_WIDTH`` wide), by kind."""
     note = "unreliable mask" if result.unreliable_mask else None if result.lesion_found else "no lesion found"
-    images = {"annotated": draw_annotation(result.image, result.mask, result.crop_box, result.top(3), note),
+    images = {"annotated": draw_annotation(result.image, result.mask, result.crop_box, result.top(3), note,
+                                           result.alert),
               "mask": mask_overlay(result.image, result.mask)}
     if result.heatmap is not None:
         images["heatmap"] = blend_heatmap(result.crop, result.heatmap)
@@ -64,8 +66,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return read_complete_rows(path) if path.exists() else []
 
 
-def report_entries(folder: Path, results_csv: Path, details_csv: Path, classes: tuple[str, ...]) -> list[dict]:
-    """One compact record per image (the last details row of each), with the thumbnails that exist."""
+def report_entries(folder: Path, results_csv: Path, details_csv: Path, classes: tuple[str, ...],
+                   points: Sequence[OperatingPoint] = ()) -> list[dict]:
+    """One compact record per image (the last details row of each), with the thumbnails that exist and the
+    ``--screen`` points that flag it."""
     probabilities = {row["image"]: row for row in _rows(results_csv)}
     details = {row["image"]: row for row in _rows(details_csv)}  # a resumed image: its last row wins
     entries = []
@@ -79,12 +83,10 @@ def report_entries(folder: Path, results_csv: Path, details_csv: Path, classes: 
                          lesion=row.get("lesion_found") == "true")
             if row.get("mask_quality"):
                 entry["mq"] = round(float(row["mask_quality"]), 4)
+            entry["sus"] = [p.name for p in points if probs.get(p.column) == "1"]
         thumbs = {}
         for kind in THUMB_KINDS:
-            try:
-                path = thumb_path(folder, image_id, kind)
-            except OutputError:  # an id that cannot be a file name has no thumbnails
-                break
+            path = thumb_path(folder, image_id, kind)
             if path.exists():
                 thumbs[kind] = path.relative_to(folder).as_posix()
         entry["thumbs"] = thumbs
@@ -93,13 +95,16 @@ def report_entries(folder: Path, results_csv: Path, details_csv: Path, classes: 
 
 
 def write_report(folder: Path, results_csv: Path, details_csv: Path, classes: tuple[str, ...],
-                 meta: dict[str, str]) -> Path:
+                 meta: dict[str, str], points: Sequence[OperatingPoint] = ()) -> Path:
     """Write ``folder/index.html`` for every image in the CSVs; returns its path."""
-    entries = report_entries(folder, results_csv, details_csv, classes)
+    entries = report_entries(folder, results_csv, details_csv, classes, points)
     template = resources.files("dermbatch").joinpath("templates/report.html").read_text(encoding="utf-8")
     meta = {"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **meta}
     meta_html = " · ".join(f"{html.escape(k)}: <b>{html.escape(str(v))}</b>" for k, v in meta.items())
-    data = json.dumps({"classes": list(classes), "low_confidence": LOW_CONFIDENCE, "images": entries},
+    screen = [{"name": p.name, "label": f"suspicious for {SCORE_WORDS[p.score]} at sensitivity {p.target:.2f}"}
+              for p in points]
+    data = json.dumps({"classes": list(classes), "low_confidence": LOW_CONFIDENCE, "screen": screen,
+                       "images": entries},
                       separators=(",", ":")).replace("<", "\\u003c")  # no tag can start inside the <script>
     page = template.replace("__META__", meta_html).replace("__DATA__", data)
     path = folder / "index.html"

@@ -33,6 +33,21 @@ class Result:
     crop_box: Box | None = None  # in working pixels
     heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM, float32 [0, 1] at crop size
     guided: np.ndarray | None = field(default=None, repr=False)  # guided Grad-CAM, RGB uint8 at crop size
+    screening: dict[str, str] = field(default_factory=dict)  # --screen: score and 0/1 flag columns, as written
+
+    @property
+    def suspicious(self) -> list[str]:
+        """The ``--screen`` flag columns set for this image (``suspicious_mel_90``, …)."""
+        return [column for column, value in self.screening.items() if column.startswith("suspicious_") and value == "1"]
+
+    @property
+    def alert(self) -> str | None:
+        """The annotation's badge: ``SUSPICIOUS mel@0.90, malignant@0.95`` when a ``--screen`` point flags it."""
+        names = []
+        for column in self.suspicious:
+            score, _, percent = column.removeprefix("suspicious_").rpartition("_")
+            names.append(f"{score}@{int(percent) / 100:.2f}")
+        return f"SUSPICIOUS {', '.join(names)}" if names else None
 
     @property
     def ok(self) -> bool:

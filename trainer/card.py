@@ -38,6 +38,18 @@ def _quality_lines(quality: dict | None) -> list[str]:
             f"lesions missed and {les['oof_skin_views_rejected']:.1%} of skin views rejected.", ""]
 
 
+def _screening_lines(screening: dict | None) -> list[str]:
+    """The stored operating points (``dermbatch run --screen``), if the bundle has them."""
+    if not screening:
+        return []
+    from dermbatch.screening import points_from_manifest
+    from trainer.operating_points import table
+
+    return [f"Screening operating points (`dermbatch run --screen`), chosen on {screening.get('images', '–')} "
+            f"out-of-fold images of {screening.get('lesions', '–')} lesions; 95 % intervals by lesion-grouped "
+            "bootstrap:", "", *table(list(points_from_manifest(screening))), ""]
+
+
 def write_model_card(bundle_dir: Path) -> Path:
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
     metrics_path = bundle_dir / "metrics.json"
@@ -96,6 +108,7 @@ def write_model_card(bundle_dir: Path) -> Path:
             lines += [f"| {c} | {_fmt(m['per_class'][c]['recall'])} | {_fmt(m['per_class'][c]['precision'])} | "
                       f"{_fmt(m['per_class'][c]['auc'])} | {m['per_class'][c]['support']} |" for c in CLASSES]
             lines.append("")
+            lines += _screening_lines(section.get("screening"))
         speed = m.get("train_images_per_s")
         if speed:
             what = "Feature extraction" if frozen else "Training speed"

@@ -169,6 +169,10 @@ def write_html(out: Path, report: dict, figures: list[tuple[str, str]]) -> Path:
             lines.append(f"<tr><td>{name}</td><td>{v['recall']:.3f}</td><td>{v['precision']:.3f}</td>"
                          f"<td>{auc}</td><td>{v['support']}</td></tr>")
         lines.append("</table>")
+    if "screening" in report:
+        from trainer.screening_eval import html_table
+
+        lines.append(html_table(report["screening"]))
     for file, caption in figures:
         lines.append(f"<figure><img src='{html.escape(file)}' alt='{html.escape(caption)}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -12,10 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dermbatch.bundle import CLASSES
+from dermbatch.bundle import CLASSES, load_bundle
 from dermbatch.outputs import read_complete_rows
 from dermbatch.pipeline import RunOptions, run
-from trainer import eval_report
+from trainer import eval_report, screening_eval
 from trainer.data import find_mask, read_labels
 from trainer.dataset import read_mask
 from trainer.metrics import classification_metrics, jaccard, segmentation_metrics
@@ -43,6 +43,12 @@ def evaluate(model: str | None, images: Path, out: Path, masks: Path | None = No
         report["classification"] = classification_metrics(probs, targets)
         figures += _classification_figures(out, [r["image"] for r in rows], probs, targets,
                                            report["classification"]["most_confused"])
+        points = load_bundle(model).screening
+        if points:
+            groups = [truth[r["image"]][1] or r["image"] for r in rows]
+            report["screening"] = screening_eval.check_points(points, probs, targets, groups)
+            screening_eval.roc_figure(out / screening_eval.FIGURE, probs, targets, points)
+            figures.append((screening_eval.FIGURE, "ROC of the screening scores with the stored operating points"))
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
     eval_report.write_html(out, report, figures)
     return report

@@ -72,7 +72,7 @@ def collect(predictor, items: list[tuple[str, Path, Path, str]], seed: int = 0, 
     task = progress.add_task("mask quality: segmenting", total=len(items)) if progress else None
     for start in range(0, len(items), batch_size):
         images, truths, groups, lesion = [], [], [], []
-        for image_id, image_path, mask_path, group in items[start:start + batch_size]:
+        for _image_id, image_path, mask_path, group in items[start:start + batch_size]:
             rgb = predictor.decode(image_path, full_size=True).rgb  # full size: the expert mask's
             truth = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
             if truth is None or truth.shape != rgb.shape[:2]:
@@ -206,7 +206,8 @@ def calibrate_masks(model: Path, images: Path, masks: Path, labels: Path | None 
         manifest = json.loads(json.dumps(predictor.bundle.manifest))
     quality, report = fit_quality(samples, seed=seed, max_missed=max_missed)
     report |= {"data": images.name if images.is_absolute() else images.as_posix(),
-               "seconds": round(time.perf_counter() - start, 1), "command": " ".join(["dermbatch", *(command or [])[1:]])}
+               "seconds": round(time.perf_counter() - start, 1),
+               "command": " ".join(["dermbatch", *(command or [])[1:]])}
     manifest["segmentation"]["quality"] = quality.to_manifest() | {"report": report}
     write_manifest(root, manifest)
     write_model_card(root)

@@ -102,8 +102,20 @@ def train_task(opts: TaskOptions, progress=None) -> dict:
     if not distributed.is_main():
         return {}
     metrics = oof_metrics(opts.out, opts.task, opts.folds)
+    if opts.task == "classification":
+        _store_operating_points(opts)
     write_model_card(opts.out)
     return metrics
+
+
+def _store_operating_points(opts: TaskOptions) -> None:
+    """The screening operating points of the finished classifier, chosen on its out-of-fold predictions."""
+    from trainer.operating_points import oof_files, points_from_oof, store_points
+
+    points, source = points_from_oof(oof_files(opts.out / "oof"), {i.image_id: i.group for i in opts.items})
+    if points:
+        store_points(opts.out, points, source)
+        log.info("screening: %d operating points stored (%s)", len(points), ", ".join(p.name for p in points))
 
 
 def _fine_tune_folds(opts: TaskOptions, spec: ModelSpec, fold_of: dict[str, int], done: list[int], weights: dict,

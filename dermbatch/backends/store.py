@@ -5,21 +5,29 @@ the graphs' input and output tensors.
 ``<bundle>/engines/<key>/`` (or, for a read-only bundle such as the installed default, the per-user cache
 ``~/.cache/dermbatch/engines/<bundle fingerprint>/<key>/``), one folder per target and precision (TensorRT
 keys also name the GPU and TensorRT version), so several coexist. ``engine.json`` records the fingerprint
-of the bundle weights the engine was built from; an engine built from other weights is never used.
+of the bundle weights the engine was built from; an engine built from other weights is never used. It also
+records the sha256 of every engine file, checked before an engine is used: a changed file (bit rot, a partial
+copy, tampering) is refused with one line, or, in the first-use cache of the installed default bundle,
+removed so that it is built again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dermbatch.bundle import Bundle
+from dermbatch.bundle import Bundle, sha256_file
 from dermbatch.errors import BackendError
+from dermbatch.jsonfile import read_json
+
+log = logging.getLogger(__name__)
 
 ENGINE_FILE = "engine.json"
 ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
@@ -79,11 +87,41 @@ def find_engine(bundle: Bundle, target: str, precision: str | None = None, devic
             info = read_info(folder)
             if info is None:
                 continue
+            rebuild = f"dermbatch build-engine --model {bundle.path} --target {target} --precision {wanted}"
             if info.get("weights_fingerprint") != fingerprint(bundle):
                 raise BackendError(f"{folder}: engine was built from other weights than {bundle.path}; rebuild it: "
-                                   f"dermbatch build-engine --model {bundle.path} --target {target} "
-                                   f"--precision {wanted}")
-            return folder, info
+                                   f"{rebuild}")
+            changed = changed_file(folder, info)
+            if changed is None:
+                return folder, info
+            if bundle.is_installed_default and root != bundle.path / "engines":  # the first-use cache: build anew
+                log.warning("%s; removing that cached engine so that it is built again", changed)
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            raise BackendError(f"{changed}; not used. Rebuild it: {rebuild}")
+    return None
+
+
+_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, so a run hashes each file once
+
+
+def changed_file(folder: Path, info: dict) -> str | None:
+    """Why an engine's files differ from what ``engine.json`` recorded at build time (a missing file, or a
+    sha256 that changed), or None when every file is as built."""
+    for task in info.get("tasks", {}).values():
+        for name_key, hash_key in (("file", "sha256"), ("weights_file", "weights_sha256")):
+            if name_key not in task:
+                continue
+            path = folder / task[name_key]
+            try:
+                status = path.stat()
+            except OSError:
+                return f"{path}: engine file is missing"
+            key = (str(path), status.st_size, status.st_mtime_ns)
+            if key not in _verified:
+                _verified[key] = sha256_file(path)
+            if task.get(hash_key) is None or _verified[key] != task[hash_key]:
+                return f"{path}: engine file changed since it was built (its sha256 differs from {ENGINE_FILE})"
     return None
 
 
@@ -101,10 +139,7 @@ def read_info(folder: Path) -> dict | None:
     path = folder / ENGINE_FILE
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BackendError(f"{path}: unreadable engine description ({exc})") from None
+    return read_json(path, BackendError, "engine description")
 
 
 def write_info(folder: Path, info: dict) -> Path:

@@ -21,6 +21,7 @@ from dermbatch.backends.base import TaskBackend, fold_selection
 from dermbatch.backends.store import find_engine
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError
+from dermbatch.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,12 @@ def check_sidecar(plan: Path, device: dict, bundle_path: Path, precision: str) -
     path = sidecar_path(plan)
     rebuild = f"dermbatch build-engine --model {bundle_path} --target tensorrt --precision {precision}"
     try:
-        info = json.loads(path.read_text())
+        info = read_json(path, BackendError, "plan sidecar")
     except FileNotFoundError:
         raise BackendError(f"{plan}: no sidecar {path.name}, so its GPU and TensorRT version are unknown; "
                            f"rebuild it: {rebuild}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BackendError(f"{path}: unreadable sidecar ({exc}); rebuild the plan: {rebuild}") from None
+    except BackendError as exc:
+        raise BackendError(f"{exc}; rebuild the plan: {rebuild}") from None
     for key in ("tensorrt", "compute_capability", "gpu"):
         if str(info.get(key)) != str(device[key]):
             raise BackendError(f"{plan}: built for {key} {info.get(key)}, this machine has {device[key]}; "

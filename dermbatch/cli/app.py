@@ -1,7 +1,7 @@
 """The Typer app, logging set-up, and the one error translator at the CLI edge (``run_app``).
 
 Exit codes: 0 all processed; 3 some inputs failed; 2 usage error; 1 fatal error (one ``Error: …`` line,
-a traceback only with ``DERMBATCH_DEBUG=1``); 130 interrupted.
+a traceback only with ``DERMBATCH_DEBUG=1``); 130 interrupted (Ctrl-C), 143 stopped by SIGTERM, 129 by SIGHUP.
 """
 
 from __future__ import annotations
@@ -96,12 +96,8 @@ def run_app(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort as exc:  # Click turns Ctrl-C into Abort; the run command's message rides on its cause
-        cause = exc.__cause__
-        print(str(cause) if isinstance(cause, KeyboardInterrupt) and str(cause) else "Aborted.", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt as exc:
-        print(str(exc) or "Interrupted; rows written so far are kept (continue with --resume).", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a run's loop (a run says how far it got itself)
+        print("Interrupted.", file=sys.stderr)
         return 130
     except DermbatchError as exc:
         if debug:
@@ -117,3 +113,4 @@ def run_app(argv: list[str] | None = None) -> int:
         print(f"Error: unexpected {type(exc).__name__}: {exc} (set DERMBATCH_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dermbatch.cli import engine, models, run, train  # noqa: F401  (each module registers its commands)
+from dermbatch.cli import engine, models, run, screen, train  # noqa: F401  (each module registers its commands)
 from dermbatch.cli.app import run_app
 
 

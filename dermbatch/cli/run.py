@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -11,6 +15,7 @@ from rich.table import Table
 
 from dermbatch.cli.app import Command, app, setup_logging, stderr
 from dermbatch.errors import UsageError
+from dermbatch.names import printable
 
 
 class RunCommand(Command):
@@ -56,6 +61,8 @@ def run_command(
     folds: str = typer.Option("all", metavar="FOLDS", help="'all' or fold numbers, e.g. 0,2."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, metavar="N", help="Images per forward batch."),
     workers: int = typer.Option(2, min=0, metavar="N", help="Decode threads (0: decode in the main thread)."),
+    max_file_size: str = typer.Option("512M", metavar="SIZE",
+        help="Larger input files are error rows, never read, e.g. 64M or 2G; 0: no limit."),
     masks: Path | None = typer.Option(None, metavar="DIR", help="Write <id>_segmentation.png masks (0/255) here."),
     annotate: Path | None = typer.Option(None, metavar="DIR", help="Write annotated images here."),
     crops: Path | None = typer.Option(None, metavar="DIR", help="Write the classifier's lesion crops here."),
@@ -65,6 +72,9 @@ def run_command(
     guided: bool = typer.Option(False, "--guided", help="With --explain: guided Grad-CAM images too."),
     report: Path | None = typer.Option(None, metavar="DIR",
         help="Write a static HTML report (index.html + thumbnails) here."),
+    screen: list[str] = typer.Option([], "--screen", metavar="SCORE@SENS",
+        help="Flag images as suspicious at a stored operating point: mel@0.90, malignant@0.95 (repeatable, or "
+             "comma-separated); adds score_* and suspicious_* columns to the CSV."),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --out and append the rest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Descend into sub-folders."),
@@ -87,10 +97,12 @@ def run_command(
       dermbatch run a.jpg more/ --out r.csv --model my-bundle --tta d4 --folds 0,2 --batch-size 16
       dermbatch run ./images --out results.csv --resume          # continue an interrupted run
       dermbatch run ./images --out results.csv --crop-scales 0.85,1,1.2   # multi-scale TTA: 3 classifier passes
+      dermbatch run ./images --out results.csv --screen mel@0.90 --screen malignant@0.95   # screening flags
       dermbatch run /shared/archive --out results.csv --ray head-node:6379 --ray-cpus-per-actor 4
     """
     from dermbatch.backends import backend_names
     from dermbatch.cli.first_use import build_default_engine
+    from dermbatch.imageio import parse_size
     from dermbatch.pipeline import RunOptions, run
 
     setup_logging(quiet, verbose)
@@ -105,9 +117,11 @@ def run_command(
     options = RunOptions(inputs=[str(p) for p in inputs], out=out, model=str(model) if model else None,
                          backend=backend, device=device, precision=None if precision == "auto" else precision,
                          tta=tta, crop_scales=crop_scales, folds=folds, batch_size=batch_size, workers=workers,
+                         max_file_size=parse_size(max_file_size),
                          masks=masks, annotate=annotate, crops=crops, details=details, explain=explain, guided=guided,
                          report=report, resume=resume, overwrite=overwrite, recursive=recursive, ray=ray,
-                         ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus_per_actor)
+                         ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus_per_actor,
+                         screen=tuple(s for spec in screen for s in spec.split(",") if s.strip()))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=stderr, disable=quiet, transient=False)
@@ -124,8 +138,8 @@ def run_command(
 
     def on_result(result) -> None:
         if not result.ok:
-            progress.console.print(f"skipped {result.path}: {result.error}", markup=False, highlight=False,
-                                   soft_wrap=True)
+            progress.console.print(f"skipped {printable(str(result.path))}: {result.error}", markup=False,
+                                   highlight=False, soft_wrap=True)
         state["done"] += 1
         progress.update(state["task"], advance=1)
         task = progress.tasks[0]  # results arrive a batch at a time: average over the run, not a window
@@ -133,11 +147,14 @@ def run_command(
             progress.update(state["task"], rate=f"{task.completed / task.elapsed:.2f} img/s")
 
     try:
-        summary = run(options, on_start=on_start, on_result=on_result, first_use=build_default_engine)
-    except KeyboardInterrupt:
+        with stop_signals_interrupt():
+            summary = run(options, on_start=on_start, on_result=on_result, first_use=build_default_engine)
+    except KeyboardInterrupt as exc:  # answered here: Typer would turn it into a bare exit code 130
         stop_progress()
-        raise Interrupted(f"Interrupted: {state['done']} of {state['total']} images done this run and kept; "
-                          f"continue with: {resume_command()}") from None
+        by = f" by {signal.Signals(exc.signum).name}" if isinstance(exc, StopSignal) else ""
+        print(f"Interrupted{by}: {state['done']} of {state['total']} images done this run and kept; "
+              f"continue with: {resume_command()}", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, StopSignal) else 130
     finally:
         stop_progress()
     if quiet:
@@ -145,11 +162,43 @@ def run_command(
             typer.echo(path)
     else:
         stderr.print(_summary_table(summary))
+        for line in summary.screening:
+            stderr.print(line, markup=False, highlight=False)
     return summary.exit_code
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run, with the line to print: how far it got and how to continue."""
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (how Slurm, Kubernetes and systemd stop a job, and a closed terminal): raised in the main
+    thread like Ctrl-C's KeyboardInterrupt, so the run stops the same clean way, exiting with 128 + the signal's
+    number (143 for SIGTERM, 129 for SIGHUP; 130 for Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise ``StopSignal``; after the first one, both are ignored so
+    that a second cannot cut the clean-up (flushing the CSVs) short. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise StopSignal(signum)
+
+    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
 
 
 def resume_command(argv: list[str] | None = None) -> str:

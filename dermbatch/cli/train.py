@@ -156,14 +156,13 @@ def train_command(
       dermbatch train --task cls ... --out my-bundle --resume      # continue after an interruption
       dermbatch train --task seg --images isic/images --masks isic/masks --out my-bundle --nproc 2
     """
+    import os
+
     from dermbatch.backends.torch import resolve_device
     from dermbatch.bundle import PreprocessSpec
     from dermbatch.manifest import COLOR_CONSTANCY
-    from trainer.run import plan_tasks
-
-    import os
-
     from trainer import distributed
+    from trainer.run import plan_tasks
 
     ranked = distributed.launched()  # one of torchrun's processes
     main = int(os.environ.get("RANK", "0")) == 0  # rank 0 alone logs, shows progress and prints the results
