@@ -252,17 +252,16 @@ def test_changed_first_use_engine_is_rebuilt(own_bundle, tmp_path, monkeypatch, 
     folder = _images(tmp_path / "in", 2)
     run = ["run", str(folder), "--model", str(own_bundle), "--tta", "none", "-q"]
     assert main([*run, "--out", str(tmp_path / "a.csv")]) == 0
-    engines = sorted(p.parent for p in (tmp_path / "cache").rglob("engine.json"))
-    assert engines  # OpenVINO when installed (with the ONNX graph it came from), else ONNX Runtime
-    for folder in engines:  # every cached engine damaged: nothing usable is left but a rebuild
-        _flip_byte(next(folder.glob("classification.bin"), folder / "classification.onnx"))
+    used = json.loads((tmp_path / "a_manifest.json").read_text())["runtime"]
+    folder = Path(used["engine"])  # OpenVINO's when installed (built from an ONNX graph beside it), else ONNX Runtime's
+    _flip_byte(next(folder.glob("classification.bin"), folder / "classification.onnx"))
     assert main([*run, "--out", str(tmp_path / "b.csv")]) == 0
     err = capsys.readouterr().err
-    assert err.count("engine file changed since it was built") == len(engines) and "built again" in err
+    assert err.count("engine file changed since it was built") == 1 and "built again" in err
     from dermbatch.backends.store import changed_file, read_info
 
-    assert sorted(p.parent for p in (tmp_path / "cache").rglob("engine.json")) == engines
-    assert all(changed_file(folder, read_info(folder)) is None for folder in engines)
+    assert changed_file(folder, read_info(folder)) is None  # rebuilt in place, and used
+    assert json.loads((tmp_path / "b_manifest.json").read_text())["runtime"]["backend"] == used["backend"]
     assert _rows(tmp_path / "a.csv") == _rows(tmp_path / "b.csv")
 
 

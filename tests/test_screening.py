@@ -86,23 +86,31 @@ def test_select_points_names_what_is_stored():
         select_points(["mel@0.9"], (), "b")
 
 
-@pytest.fixture
-def screened(tiny_bundle, tmp_path):
-    """A copy of the tiny bundle with two points whose thresholds split its images' scores; and the images."""
+@pytest.fixture(scope="module")
+def screened_once(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with two points whose thresholds split its images' scores; the images; their rows."""
     from trainer.operating_points import store_points
 
-    bundle = Path(shutil.copytree(tiny_bundle.path, tmp_path / "bundle"))
-    folder = tmp_path / "images"
+    root = tmp_path_factory.mktemp("screened")
+    bundle = Path(shutil.copytree(tiny_bundle.path, root / "bundle"))
+    folder = root / "images"
     folder.mkdir()
     for i in range(8):
         synthetic_lesion(folder / f"img_{i}.jpg", seed=i, radius=(10 + 4 * i, 12 + 5 * i))
-    assert main(["run", str(folder), "--out", str(tmp_path / "plain.csv"), "--model", str(bundle), "-q"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "plain.csv")))
+    assert main(["run", str(folder), "--out", str(root / "plain.csv"), "--model", str(bundle), "-q"]) == 0
+    rows = list(csv.DictReader(open(root / "plain.csv")))
     mel = np.array([float(r["MEL"]) for r in rows])
     malignant = np.array([float(r["MEL"]) + float(r["BCC"]) + float(r["AKIEC"]) for r in rows])
     points = [_point("mel", 0.9, float(np.median(mel))), _point("malignant", 0.95, float(np.median(malignant)))]
     store_points(bundle, points, {"images": 1000, "lesions": 800, "folds": [0, 1]})
     return bundle, folder, rows
+
+
+@pytest.fixture
+def screened(screened_once, tmp_path):
+    """A private copy of ``screened_once``'s bundle (a test may change it), its images and rows."""
+    bundle, folder, rows = screened_once
+    return Path(shutil.copytree(bundle, tmp_path / "bundle")), folder, rows
 
 
 def test_run_screen_adds_score_and_flag_columns_that_round_trip(screened, tmp_path, capsys):
@@ -188,3 +196,28 @@ def test_check_points_reports_promised_and_reached():
     assert reached["specificity"] == pytest.approx(np.mean(np.linspace(0.0, 0.3, 150) < 0.25))
     assert report["points"]["mel@0.90"]["promised"]["specificity"] == 0.6
     assert report["grouped_by"] == "image"
+
+
+@pytest.mark.realdata
+def test_evaluate_reports_each_stored_point_on_labelled_images(screened, tmp_path):
+    from tests.conftest import ham_per_class
+
+    bundle = screened[0]
+    ids, labels = ham_per_class(tmp_path / "in", 4)
+    labels.loc[ids, ["lesion_id", *CLASSES]].rename_axis("image").to_csv(tmp_path / "truth.csv")
+    assert main(["evaluate", "--images", str(tmp_path / "in"), "--labels", str(tmp_path / "truth.csv"), "--model",
+                 str(bundle), "--out", str(tmp_path / "ev"), "--no-explain"]) == 0
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["screening"]
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "predictions.csv")))
+    truth = {i: labels.loc[i, "label"] for i in ids}
+    for point in load_bundle(bundle).screening:  # recomputed here from the predictions CSV and the labels
+        classes = ("MEL",) if point.score == "mel" else ("MEL", "BCC", "AKIEC")
+        scores = np.array([sum(float(r[c]) for c in classes) for r in rows])
+        positive = np.array([truth[r["image"]] in classes for r in rows])
+        reached = report["points"][point.name]["reached"]
+        assert reached["sensitivity"] == pytest.approx(np.mean(scores[positive] >= point.threshold), abs=1e-4)
+        assert reached["specificity"] == pytest.approx(np.mean(scores[~positive] < point.threshold), abs=1e-4)
+        assert report["points"][point.name]["promised"]["sensitivity"] == point.sensitivity
+    assert report["grouped_by"] == "lesion_id"
+    assert (tmp_path / "ev" / "screening_roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Screening operating points" in (tmp_path / "ev" / "report.html").read_text()

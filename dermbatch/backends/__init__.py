@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 
 from dermbatch.backends.base import Backend, TaskBackend, fold_selection
-from dermbatch.backends.store import ENGINE_NAMES, find_engine
+from dermbatch.backends.store import ENGINE_NAMES, find_engine, purge_changed_cache
 from dermbatch.bundle import Bundle
 from dermbatch.errors import BackendError, UsageError
 
@@ -52,6 +52,7 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
         return name
     if bundle is None:
         return "torch"
+    purged = first_use is not None and purge_changed_cache(bundle)  # damaged first-use engines: built again below
     from dermbatch.backends.tensorrt import current_device, device_tag, tensorrt_available, usable_plans
 
     trt_ok, reason = tensorrt_available()
@@ -67,6 +68,8 @@ def resolve_backend_name(name: str, bundle: Bundle | None = None, device: str = 
     if device.startswith("cuda") or (device == "auto" and _cuda_available()):
         log.info("backend: torch on CUDA (auto; no TensorRT plan for this GPU%s)", f": {reason}" if reason else "")
         return "torch"
+    if purged and not os.environ.get("DERMBATCH_NO_AUTO_ENGINE"):
+        return first_use(bundle) or "torch"
     if find_engine(bundle, "openvino") and importlib.util.find_spec("openvino") is not None:
         log.info("backend: openvino (auto; an OpenVINO engine is built for this bundle)")
         return "openvino"

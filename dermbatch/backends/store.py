@@ -92,14 +92,29 @@ def find_engine(bundle: Bundle, target: str, precision: str | None = None, devic
                 raise BackendError(f"{folder}: engine was built from other weights than {bundle.path}; rebuild it: "
                                    f"{rebuild}")
             changed = changed_file(folder, info)
-            if changed is None:
-                return folder, info
-            if bundle.is_installed_default and root != bundle.path / "engines":  # the first-use cache: build anew
-                log.warning("%s; removing that cached engine so that it is built again", changed)
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            raise BackendError(f"{changed}; not used. Rebuild it: {rebuild}")
+            if changed is not None:
+                raise BackendError(f"{changed}; not used. Rebuild it: {rebuild}")
+            return folder, info
     return None
+
+
+def purge_changed_cache(bundle: Bundle) -> list[Path]:
+    """Remove the installed default bundle's first-use engines (in the per-user cache) whose files changed since
+    they were built, one warning each, so that the first-use hook builds them again; return their folders."""
+    cache = engine_roots(bundle)[1]
+    if not bundle.is_installed_default or not cache.is_dir():
+        return []
+    removed = []
+    for folder in sorted(p.parent for p in cache.glob(f"*/{ENGINE_FILE}")):
+        try:
+            changed = changed_file(folder, read_info(folder) or {})
+        except BackendError as exc:  # an engine.json that cannot be read is as broken as a changed file
+            changed = str(exc)
+        if changed is not None:
+            log.warning("%s; removing that cached engine so that it is built again", changed)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, so a run hashes each file once

@@ -26,11 +26,10 @@ def build_default_engine(bundle: Bundle) -> str | None:
         from engines.build import build_first_use_engine
 
         with build_lock(bundle):
-            for target in ("openvino", "onnxruntime"):  # built by another process while this one waited
-                found = find_engine(bundle, target, "fp32")
-                if found and (target != "openvino" or importlib.util.find_spec("openvino") is not None):
-                    log.info("backend: %s (auto; its engine was just built by another process)", target)
-                    return target
+            wanted = "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
+            if find_engine(bundle, wanted, "fp32"):  # built by another process while this one waited
+                log.info("backend: %s (auto; its engine was just built by another process)", wanted)
+                return wanted
             previous = logging.root.manager.disable
             logging.disable(logging.INFO)  # the build's own steps; the line below says what happened
             try:
