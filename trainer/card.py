@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from dermbatch.bundle import CLASSES
+from dermbatch.screening import OperatingPoint, points_from_manifest
 
 WARNING = ("**Research use only. This is not a medical device**: it must not be used to diagnose, treat or "
            "triage patients. Trained on public dermoscopic images, most from fair-skinned patients; accuracy "
@@ -42,12 +44,19 @@ def _screening_lines(screening: dict | None) -> list[str]:
     """The stored operating points (``dermbatch run --screen``), if the bundle has them."""
     if not screening:
         return []
-    from dermbatch.screening import points_from_manifest
-    from trainer.operating_points import table
-
     return [f"Screening operating points (`dermbatch run --screen`), chosen on {screening.get('images', '–')} "
             f"out-of-fold images of {screening.get('lesions', '–')} lesions; 95 % intervals by lesion-grouped "
-            "bootstrap:", "", *table(list(points_from_manifest(screening))), ""]
+            "bootstrap:", "", *screening_table(points_from_manifest(screening)), ""]
+
+
+def screening_table(points: Sequence[OperatingPoint]) -> list[str]:
+    """The points as Markdown table rows (README, model card, the command's output)."""
+    rows = ["| point | threshold | sensitivity [95 % CI] | specificity [95 % CI] |", "| --- | --- | --- | --- |"]
+    for p in points:
+        rows.append(f"| `{p.name}` | {p.threshold:.4f} | {p.sensitivity:.3f} [{p.sensitivity_ci[0]:.3f}, "
+                    f"{p.sensitivity_ci[1]:.3f}] | {p.specificity:.3f} [{p.specificity_ci[0]:.3f}, "
+                    f"{p.specificity_ci[1]:.3f}] |")
+    return rows
 
 
 def write_model_card(bundle_dir: Path) -> Path:

@@ -148,8 +148,9 @@ def failures_figure(path: Path, failures: list[dict]) -> None:
     plt.close(fig)
 
 
-def write_html(out: Path, report: dict, figures: list[tuple[str, str]]) -> Path:
-    """``report.html``: the headline metrics and every figure (relative links; nothing from the network)."""
+def write_html(out: Path, report: dict, figures: list[tuple[str, str]], sections: list[str] = ()) -> Path:
+    """``report.html``: the headline metrics, ``sections`` (HTML written by the caller) and every figure
+    (relative links; nothing from the network)."""
     lines = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>",
              "<title>dermbatch evaluation</title><style>body{font:14px system-ui,sans-serif;margin:20px;"
              "background:#fafafa}img{max-width:100%;border:1px solid #ddd;background:#fff}"
@@ -169,10 +170,7 @@ def write_html(out: Path, report: dict, figures: list[tuple[str, str]]) -> Path:
             lines.append(f"<tr><td>{name}</td><td>{v['recall']:.3f}</td><td>{v['precision']:.3f}</td>"
                          f"<td>{auc}</td><td>{v['support']}</td></tr>")
         lines.append("</table>")
-    if "screening" in report:
-        from trainer.screening_eval import html_table
-
-        lines.append(html_table(report["screening"]))
+    lines += sections
     for file, caption in figures:
         lines.append(f"<figure><img src='{html.escape(file)}' alt='{html.escape(caption)}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -31,6 +31,7 @@ def evaluate(model: str | None, images: Path, out: Path, masks: Path | None = No
     report: dict = {"model": model, "images": str(images), "processed": summary.ok, "failed": summary.failed}
     paths = {row["image"]: Path(row["path"]) for row in read_complete_rows(options.details) if row["status"] == "ok"}
     figures: list[tuple[str, str]] = []
+    sections: list[str] = []
     if masks is not None:
         scores = _mask_scores(out / "masks", masks)
         report["segmentation"] = segmentation_metrics([j for _, j, _, _ in scores])
@@ -48,9 +49,10 @@ def evaluate(model: str | None, images: Path, out: Path, masks: Path | None = No
             groups = [truth[r["image"]][1] or r["image"] for r in rows]
             report["screening"] = screening_eval.check_points(points, probs, targets, groups)
             screening_eval.roc_figure(out / screening_eval.FIGURE, probs, targets, points)
+            sections.append(screening_eval.html_table(report["screening"]))
             figures.append((screening_eval.FIGURE, "ROC of the screening scores with the stored operating points"))
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
-    eval_report.write_html(out, report, figures)
+    eval_report.write_html(out, report, figures, sections)
     return report
 
 

@@ -83,13 +83,3 @@ def store_points(bundle_dir: Path, points: list[OperatingPoint], source: dict) -
     load_bundle(bundle_dir)  # what was written reads back
     write_model_card(bundle_dir)
     return path
-
-
-def table(points: list[OperatingPoint]) -> list[str]:
-    """The points as Markdown table rows (README, model card, the command's output)."""
-    rows = ["| point | threshold | sensitivity [95 % CI] | specificity [95 % CI] |", "| --- | --- | --- | --- |"]
-    for p in points:
-        rows.append(f"| `{p.name}` | {p.threshold:.4f} | {p.sensitivity:.3f} [{p.sensitivity_ci[0]:.3f}, "
-                    f"{p.sensitivity_ci[1]:.3f}] | {p.specificity:.3f} [{p.specificity_ci[0]:.3f}, "
-                    f"{p.specificity_ci[1]:.3f}] |")
-    return rows

@@ -35,8 +35,9 @@ def operating_points_command(
       dermbatch operating-points --model my-bundle --labels ham/labels.csv --images ham/images --masks ham/masks
     """
     from dermbatch.bundle import load_bundle
+    from trainer.card import screening_table
     from trainer.data import cls_items, read_labels
-    from trainer.operating_points import oof_files, points_from_oof, predict_oof, store_points, table
+    from trainer.operating_points import oof_files, points_from_oof, predict_oof, store_points
 
     setup_logging()
     try:
@@ -55,6 +56,6 @@ def operating_points_command(
     groups = {image_id: lesion for image_id, (_, lesion) in read_labels(labels).items()}
     points, source = points_from_oof(oof_files(folder), groups, wanted, bootstrap)
     path = store_points(model, points, source)
-    stderr.print("\n".join(table(points)), markup=False, highlight=False)
+    stderr.print("\n".join(screening_table(points)), markup=False, highlight=False)
     typer.echo(str(path))
     return 0
