@@ -58,8 +58,12 @@ def test_lr_find_saves_a_curve_and_suggests_a_rate(tmp_path, capsys):
     assert 1e-6 <= rate <= 1.0
 
 
-def test_lr_find_sweeps_the_tune_stages_recipe(tmp_path, capsys):
+def test_lr_find_sweeps_the_tune_stages_recipe(tmp_path, capsys, monkeypatch):
+    import tempfile
+
     real_images(HAM, 1)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     code = main(["lr-find", "--task", "cls", "--images", str(HAM / "images"), "--labels", str(HAM / "labels.csv"),
                  "--masks", str(HAM / "masks"), "--input-size", "48", "--batch-size", "8", "--steps", "12",
                  "--limit", "48", "--tune-stages", "5", "--lora-rank", "2", "--jitter-views", "1",
@@ -67,3 +71,4 @@ def test_lr_find_sweeps_the_tune_stages_recipe(tmp_path, capsys):
     assert code == 0 and (tmp_path / "lr.png").stat().st_size > 0
     rate = float(capsys.readouterr().out.split("suggested learning rate: ")[1].split()[0])
     assert 1e-6 <= rate <= 1.0
+    assert not list((tmp_path / "tmp").glob("dermbatch-lr-find-*"))  # the trunk cache is removed after the sweep

@@ -4,6 +4,7 @@ loss, stop when it explodes, and suggest the rate where the loss falls fastest."
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +56,12 @@ def lr_find(plan, batch_size: int, steps: int = 100):
     dataset = TrainingSet(plan.items, spec.task, spec, plan.crop, plan.cache_dir or default_cache_dir(), train=True,
                           seed=plan.fit.seed, pre=plan.preprocessing)
     model = new_model(plan, spec, 0)
-    if plan.tune_stages is not None:  # the --tune-stages recipe: its trainable part over its cached trunk
-        model, dataset = _tuned(plan, spec, model, dataset)
-    lrs, losses, suggestion = lr_range_test(model, dataset, make_loss(plan, plan.items),
-                                            batch_size, plan.fit.device, steps=steps, seed=plan.fit.seed)
+    with tempfile.TemporaryDirectory(prefix="dermbatch-lr-find-") as scratch:  # --tune-stages' trunk cache
+        if plan.tune_stages is not None:  # the --tune-stages recipe: its trainable part over its cached trunk
+            model, dataset = _tuned(plan, spec, model, dataset, Path(scratch))
+        lrs, losses, suggestion = lr_range_test(model, dataset, make_loss(plan, plan.items),
+                                                batch_size, plan.fit.device, steps=steps, seed=plan.fit.seed)
+        del dataset  # its memory-mapped trunk closes before the folder goes
     return lrs, losses, suggestion, spec
 
 
@@ -78,14 +81,11 @@ class _CachedViews(torch.utils.data.Dataset):
             torch.tensor(self.labels[i])
 
 
-def _tuned(plan, spec, model, dataset):
-    import tempfile
-
+def _tuned(plan, spec, model, dataset, scratch: Path):
     from trainer.tuned import TunedTop, cache_trunk, linear_probe
 
     trunk, stats, _ = cache_trunk(model, spec, dataset, plan.tune_stages, plan.jitter_views, plan.fit.seed,
-                                  Path(tempfile.mkdtemp(prefix="dermbatch-lr-find-")) / "trunk.npy", None,
-                                  plan.fit.device, plan.fit.workers)
+                                  scratch / "trunk.npy", None, plan.fit.device, plan.fit.workers)
     top = TunedTop(model, plan.tune_stages, plan.lora_rank, plan.fit.seed, plan.tune_depthwise)
     labels = np.array([i.label for i in plan.items])
     linear_probe(top, trunk, stats, np.arange(len(labels)), labels, plan.fit.seed)
