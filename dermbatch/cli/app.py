@@ -113,4 +113,3 @@ def run_app(argv: list[str] | None = None) -> int:
         print(f"Error: unexpected {type(exc).__name__}: {exc} (set DERMBATCH_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
-
